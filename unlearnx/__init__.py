@@ -1,0 +1,46 @@
+"""unlearnx: machine unlearning as a posterior update, in JAX."""
+
+from . import datasets as datasets, metrics as metrics, models as models
+from ._curvature._precision import (
+    AbstractPrecision as AbstractPrecision,
+    DensePrecision as DensePrecision,
+    DiagonalPrecision as DiagonalPrecision,
+)
+from ._data._dataset import Dataset as Dataset, DatasetSplit as DatasetSplit
+from ._fit import FitInfo as FitInfo, fit as fit
+from ._objective import objective as objective
+from ._posterior._laplace import (
+    LaplacePosterior as LaplacePosterior,
+    laplace as laplace,
+    tune_prior_precision as tune_prior_precision,
+)
+
+__version__ = "0.1.0"
+from ._requests import (
+    Edit as Edit,
+    Request as Request,
+    bucket_size as bucket_size,
+    forget_features as forget_features,
+    forget_rows as forget_rows,
+    relabel as relabel,
+)
+from ._unlearn._base import (
+    AbstractUnlearner as AbstractUnlearner,
+    Chain as Chain,
+    Ledger as Ledger,
+    UnlearnState as UnlearnState,
+    chain as chain,
+    identity as identity,
+)
+from ._unlearn._influence import (
+    FirstOrderInfo as FirstOrderInfo,
+    SecondOrderInfo as SecondOrderInfo,
+    first_order as first_order,
+    second_order as second_order,
+)
+from ._unlearn._refine import (
+    RefineInfo as RefineInfo,
+    exact_retrain as exact_retrain,
+    refine as refine,
+    retrain as retrain,
+)

@@ -1,0 +1,80 @@
+"""The model protocol: an Equinox module with an output per example and a likelihood."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+from jax.flatten_util import ravel_pytree
+
+from .._custom_types import Array, Float, Scalar
+from ._likelihood import AbstractLikelihood
+
+
+class AbstractModel(eqx.Module):
+    """A model: `model(x)` maps one example to an output vector, `model.loss(x, y)` is
+    the per-example negative log-likelihood.
+
+    Every floating-point array in the module is a parameter; everything else (sizes,
+    activation functions, the likelihood) is configuration. The prior over parameters is
+    an isotropic Gaussian `N(0, λ⁻¹ I)` on *all* parameters, intercepts included: a
+    proper prior is what makes the Laplace posterior and its marginal likelihood
+    well-defined, and it matches scikit-learn's `fit_intercept=False` with a column of
+    ones.
+    """
+
+    likelihood: eqx.AbstractVar[AbstractLikelihood]
+
+    @property
+    @abc.abstractmethod
+    def n_inputs(self) -> int:
+        """Number of input features."""
+
+    @property
+    @abc.abstractmethod
+    def n_outputs(self) -> int:
+        """Size of the output vector (1 for binary or regression, C for C classes)."""
+
+    @abc.abstractmethod
+    def __call__(self, x: Float[Array, " p"]) -> Float[Array, " c"]:
+        """The output (logits or mean) for one example."""
+
+    def loss(self, x: Float[Array, " p"], y: Array) -> Scalar:
+        """Per-example negative log-likelihood `ℓ(x, y; θ)`."""
+        return self.likelihood.nll(self(x), y)
+
+    def predict(self, X: Float[Array, "n p"]) -> Array:
+        """Point predictions: class ids for classifiers, means for regressors."""
+        return jax.vmap(lambda x: self.likelihood.predict(self(x)))(X)
+
+    def predict_proba(self, X: Float[Array, "n p"]) -> Float[Array, "n c"]:
+        """Predictive mean at the point estimate: class probabilities, or means."""
+        return jax.vmap(lambda x: self.likelihood.mean(self(x)))(X)
+
+
+def partition(model):
+    """Split a model into (parameters, static) with `eqx.partition` on inexact arrays."""
+    return eqx.partition(model, eqx.is_inexact_array)
+
+
+def ravel(model) -> tuple[Float[Array, " d"], Callable]:
+    """Flatten a model's parameters into one vector.
+
+    Returns:
+        `(theta, unravel)` where `unravel(theta)` rebuilds the full model.
+    """
+    params, static = partition(model)
+    theta, unravel_params = ravel_pytree(params)
+
+    def unravel(t):
+        return eqx.combine(unravel_params(t), static)
+
+    return theta, unravel
+
+
+def n_params(model) -> int:
+    """Number of scalar parameters."""
+    params, _ = partition(model)
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
