@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import itertools
+import math
+from typing import Any
 
 import equinox as eqx
 import jax
-from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
 
 from .._custom_types import Array, Float, Scalar
 from ._likelihood import AbstractLikelihood
@@ -59,19 +61,35 @@ def partition(model):
     return eqx.partition(model, eqx.is_inexact_array)
 
 
-def ravel(model) -> tuple[Float[Array, " d"], Callable]:
+class Unravel(eqx.Module):
+    """Rebuilds a model from a flat parameter vector: `unravel(theta) -> model`.
+
+    Unlike `jax.flatten_util.ravel_pytree`'s closure, this is a hashable pytree with no
+    array leaves, so passing it to `eqx.filter_jit` does not recompile on every call.
+    """
+
+    static: Any
+    treedef: Any = eqx.field(static=True)
+    shapes: tuple[tuple[int, ...], ...] = eqx.field(static=True)
+
+    def __call__(self, theta: Float[Array, " d"]):
+        sizes = [math.prod(s) for s in self.shapes]
+        offsets = list(itertools.accumulate(sizes))[:-1]
+        parts = jnp.split(theta, offsets) if offsets else [theta]
+        leaves = [p.reshape(s) for p, s in zip(parts, self.shapes)]
+        return eqx.combine(jax.tree_util.tree_unflatten(self.treedef, leaves), self.static)
+
+
+def ravel(model) -> tuple[Float[Array, " d"], Unravel]:
     """Flatten a model's parameters into one vector.
 
     Returns:
         `(theta, unravel)` where `unravel(theta)` rebuilds the full model.
     """
     params, static = partition(model)
-    theta, unravel_params = ravel_pytree(params)
-
-    def unravel(t):
-        return eqx.combine(unravel_params(t), static)
-
-    return theta, unravel
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    theta = jnp.concatenate([jnp.ravel(x) for x in leaves]) if leaves else jnp.zeros(0)
+    return theta, Unravel(static, treedef, tuple(x.shape for x in leaves))
 
 
 def n_params(model) -> int:
