@@ -7,10 +7,9 @@ from typing import Literal, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-
 import optax
 
-from ._custom_types import Array, Float, PRNGKeyArray
+from ._custom_types import PRNGKeyArray
 from ._data._dataset import Dataset, check_finite
 from ._models._base import AbstractModel, ravel
 from ._models._glm import LinearRegression, LogisticRegression, SoftmaxRegression
@@ -268,5 +267,3 @@ class _progress:
     def close(self) -> None:
         if self._p is not None:
             self._p.stop()
-
-

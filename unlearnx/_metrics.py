@@ -18,9 +18,7 @@ def _model(x) -> AbstractModel:
         return x.mean
     if isinstance(x, AbstractModel):
         return x
-    raise ValueError(
-        f"metrics: expected a ux.LaplacePosterior or a model; got {type(x).__name__}."
-    )
+    raise ValueError(f"metrics: expected a ux.LaplacePosterior or a model; got {type(x).__name__}.")
 
 
 def distance(a, b, *, relative: bool = True) -> Scalar:
@@ -100,7 +98,6 @@ def ece(model, data: Dataset, *, bins: int = 10) -> Scalar:
     correct = (jnp.argmax(p, axis=-1) == data.y).astype(p.dtype)
     w = _weights(data)
     b = jnp.clip((conf * bins).astype(jnp.int32), 0, bins - 1)
-    wsum = jax.ops.segment_sum(w, b, bins)
     conf_sum = jax.ops.segment_sum(w * conf, b, bins)
     acc_sum = jax.ops.segment_sum(w * correct, b, bins)
     return jnp.sum(jnp.abs(acc_sum - conf_sum))  # Σ_b (w_b/W)|acc_b − conf_b|

@@ -36,9 +36,7 @@ def objective(model, data: Dataset, prior_precision) -> Scalar:
         print(ux.objective(model, data, 1.0))
         ```
     """
-    return rows_loss(model, data.X, data.y, data.weights) + 0.5 * prior_precision * sq_norm(
-        model
-    )
+    return rows_loss(model, data.X, data.y, data.weights) + 0.5 * prior_precision * sq_norm(model)
 
 
 @eqx.filter_jit

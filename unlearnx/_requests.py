@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -250,9 +249,7 @@ def forget_features(
         raise ValueError(f"forget_features: `fill` must be a number or 'mean'; got {fill!r}.")
     if not isinstance(fill, str) and not np.isfinite(fill):
         raise ValueError(f"forget_features: `fill` must be finite; got {fill}.")
-    return Request(
-        "forget_features", None if rows is None else np.asarray(rows), columns, fill
-    )
+    return Request("forget_features", None if rows is None else np.asarray(rows), columns, fill)
 
 
 def relabel(rows: Sequence[int] | Array | np.ndarray, labels) -> Request:
@@ -281,5 +278,3 @@ def as_edit(request: Request | Edit, data: Dataset) -> Edit:
             f"an ux.Edit; got {type(request).__name__}."
         )
     return request.resolve(data)
-
-

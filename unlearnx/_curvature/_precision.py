@@ -35,7 +35,7 @@ class AbstractPrecision(eqx.Module):
         """`Λ v`."""
 
     @abc.abstractmethod
-    def solve(self, v: Float[Array, "d *m"]) -> Float[Array, "d *m"]:
+    def solve(self, v: Float[Array, " d *m"]) -> Float[Array, " d *m"]:
         """`Λ⁻¹ v` (for a vector or a matrix of columns)."""
 
     @abc.abstractmethod
@@ -210,5 +210,3 @@ class DiagonalPrecision(AbstractPrecision):
     def dense_update(self, delta):
         diag = self.diag + jnp.diag(delta)
         return DiagonalPrecision(diag), jnp.all(diag > 0)
-
-

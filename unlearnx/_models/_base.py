@@ -76,7 +76,7 @@ class Unravel(eqx.Module):
         sizes = [math.prod(s) for s in self.shapes]
         offsets = list(itertools.accumulate(sizes))[:-1]
         parts = jnp.split(theta, offsets) if offsets else [theta]
-        leaves = [p.reshape(s) for p, s in zip(parts, self.shapes)]
+        leaves = [p.reshape(s) for p, s in zip(parts, self.shapes, strict=True)]
         return eqx.combine(jax.tree_util.tree_unflatten(self.treedef, leaves), self.static)
 
 

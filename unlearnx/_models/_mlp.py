@@ -79,7 +79,9 @@ class MLPRegressor(AbstractModel):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        self.mlp = eqx.nn.MLP(n_features, 1, width, depth, activation=activation, dtype=dtype, key=key)
+        self.mlp = eqx.nn.MLP(
+            n_features, 1, width, depth, activation=activation, dtype=dtype, key=key
+        )
         self.likelihood = Gaussian(noise_std)
 
     @property

@@ -198,10 +198,11 @@ def laplace(
     d = theta.shape[0]
     need = _estimate_bytes(structure, d, theta.dtype.itemsize)
     if need > max_memory_gb * _GIB:
+        diag_mib = _estimate_bytes("diag", d, theta.dtype.itemsize) / 2**20
         raise ValueError(
             f"laplace: structure={structure!r} for {d:,} parameters needs about "
             f"{need / _GIB:.1f} GiB, over `max_memory_gb={max_memory_gb}`. Use "
-            f"structure='diag' ({_estimate_bytes('diag', d, theta.dtype.itemsize) / 2**20:.1f} MiB) "
+            f"structure='diag' ({diag_mib:.1f} MiB) "
             f"or raise `max_memory_gb`."
         )
     lam = jnp.asarray(prior_precision, theta.dtype)

@@ -15,7 +15,6 @@ import abc
 from typing import Any, NamedTuple
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 
 from .._custom_types import Array, Int, PyTree
@@ -178,7 +177,7 @@ class Chain(AbstractUnlearner):
     def step(self, ctx, posterior, inner):
         infos = []
         new_inner = []
-        for t, s in zip(self.transforms, inner):
+        for t, s in zip(self.transforms, inner, strict=True):
             posterior, s, info = t.step(ctx, posterior, s)
             new_inner.append(s)
             infos.append(info)
@@ -224,5 +223,3 @@ class Identity(AbstractUnlearner):
 def identity() -> Identity:
     """The do-nothing baseline: the data is edited, the posterior is not."""
     return Identity()
-
-

@@ -60,7 +60,9 @@ class FirstOrder(AbstractUnlearner):
             tau = jnp.asarray(self.tau, G.dtype)
         theta, unravel = ravel(posterior.mean)
         mean = unravel(theta - tau * G)
-        post = LaplacePosterior(mean, posterior.precision, posterior.prior_precision, posterior.curvature)
+        post = LaplacePosterior(
+            mean, posterior.precision, posterior.prior_precision, posterior.curvature
+        )
         return post, inner, FirstOrderInfo(tau, jnp.linalg.norm(tau * G))
 
 

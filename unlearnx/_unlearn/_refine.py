@@ -114,13 +114,17 @@ def retrain(
     return _refit(posterior, new, warm, solver, structure, fit_kwargs)[0]
 
 
-def _refit(posterior, data, warm, solver, structure, fit_kwargs) -> tuple[LaplacePosterior, FitInfo]:
+def _refit(
+    posterior, data, warm, solver, structure, fit_kwargs
+) -> tuple[LaplacePosterior, FitInfo]:
     start = posterior.mean if warm else _cold_start(posterior.mean)
     lam = float(posterior.prior_precision)
     model, info = fit(start, data, prior_precision=lam, solver=solver, **fit_kwargs)
     if structure is None:
         structure = "full" if posterior.precision.__class__.__name__ == "DensePrecision" else "diag"
-    post = laplace(model, data, prior_precision=lam, structure=structure, curvature=posterior.curvature)
+    post = laplace(
+        model, data, prior_precision=lam, structure=structure, curvature=posterior.curvature
+    )
     return post, info
 
 
