@@ -83,7 +83,7 @@ class Request(eqx.Module):
     kind: str = eqx.field(static=True)
     rows: np.ndarray | None
     columns: tuple = eqx.field(static=True, default=())
-    fill: float | str = eqx.field(static=True, default=0.0)
+    fill: float | str = eqx.field(static=True, default="mean")
     labels: np.ndarray | None = None
 
     def resolve(self, data: Dataset, *, bucket: int | None = None) -> Edit:
@@ -222,7 +222,7 @@ def forget_features(
     columns: str | int | Sequence[str | int],
     rows: Sequence[int] | Array | np.ndarray | None = None,
     *,
-    fill: float | str = 0.0,
+    fill: float | str = "mean",
 ) -> Request:
     """Blank out feature columns, in all rows (`rows=None`) or some.
 
@@ -230,9 +230,12 @@ def forget_features(
         columns: feature names (a group name such as `"sex"` removes its whole one-hot
             block), single feature names, or column indices.
         rows: the rows to edit; `None` edits every remaining row.
-        fill: the value written into the columns, or `"mean"` for each column's mean over
-            the remaining rows. The default `0.0` is the training mean of a standardised
-            column.
+        fill: the value written into the columns, or `"mean"` (the default) for each
+            column's weighted mean over the remaining rows. The mean makes the column
+            constant without shifting it, so that its removal is not also a change of the
+            intercept: `0` is the mean of a standardised column but the minimum of a
+            min-max scaled one (on Pima, filling with 0 makes the one-step update far
+            less accurate).
 
     Example:
         ```python
