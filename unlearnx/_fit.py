@@ -27,6 +27,14 @@ class FitInfo(NamedTuple):
         objective: final value of `L(θ; D)`.
         grad_norm: final `‖∇L(θ; D)‖₂`.
         converged: whether the stopping tolerance was met.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.diabetes().train
+        _, info = ux.fit(ux.models.LogisticRegression(data.n_features), data)
+        assert info.converged and info.grad_norm < 1e-4
+        ```
     """
 
     solver: str

@@ -43,7 +43,20 @@ def distance(a, b, *, relative: bool = True) -> Scalar:
 
 def distance_closed(before, after, exact) -> Scalar:
     """Fraction of the distance from `before` to `exact` that `after` closed:
-    `1 − ‖θ_after − θ_exact‖ / ‖θ_before − θ_exact‖` (1 = exact, 0 = no progress)."""
+    `1 − ‖θ_after − θ_exact‖ / ‖θ_before − θ_exact‖` (1 = exact, 0 = no progress).
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.diabetes()
+        model, _ = ux.fit(ux.models.LogisticRegression(data.train.n_features), data.train)
+        post = ux.laplace(model, data.train)
+        request = ux.forget_rows(list(range(50)))
+        after, _, _ = ux.second_order().update(request, ux.second_order().init(post, data.train))
+        exact = ux.retrain(post, data.train, request)
+        print(ux.metrics.distance_closed(post, after, exact))   # close to 1
+        ```
+    """
     return 1.0 - distance(after, exact, relative=False) / distance(before, exact, relative=False)
 
 
@@ -51,6 +64,15 @@ def gradient_residual(model, data: Dataset, prior_precision=None) -> Scalar:
     """`‖∇L(θ; D)‖₂` of the sum-form objective on `data` (0 at the exact optimum).
 
     For a posterior, its own prior precision is used unless given.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.diabetes()
+        model, _ = ux.fit(ux.models.LogisticRegression(data.train.n_features), data.train)
+        post = ux.laplace(model, data.train)
+        print(ux.metrics.gradient_residual(post, data.train))   # ~0 at the MAP
+        ```
     """
     if prior_precision is None:
         if not isinstance(model, LaplacePosterior):
@@ -65,13 +87,33 @@ def _weights(data: Dataset) -> Float[Array, " n"]:
 
 
 def accuracy(model, data: Dataset) -> Scalar:
-    """Weighted accuracy of the point predictions on `data` (deleted rows excluded)."""
+    """Weighted accuracy of the point predictions on `data` (deleted rows excluded).
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.diabetes()
+        model, _ = ux.fit(ux.models.LogisticRegression(data.train.n_features), data.train)
+        post = ux.laplace(model, data.train)
+        print(ux.metrics.accuracy(post, data.test), ux.metrics.nll(post, data.test))
+        ```
+    """
     pred = _model(model).predict(data.X)
     return jnp.sum(_weights(data) * (pred == data.y))
 
 
 def nll(model, data: Dataset) -> Scalar:
-    """Mean negative log-likelihood per (weighted) row at the point estimate."""
+    """Mean negative log-likelihood per (weighted) row at the point estimate.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.diabetes()
+        model, _ = ux.fit(ux.models.LogisticRegression(data.train.n_features), data.train)
+        post = ux.laplace(model, data.train)
+        print(ux.metrics.nll(model, data.test))
+        ```
+    """
     m = _model(model)
     return jnp.sum(_weights(data) * jax.vmap(m.loss)(data.X, data.y))
 
@@ -90,6 +132,15 @@ def ece(model, data: Dataset, *, bins: int = 10) -> Scalar:
     """Expected calibration error of the top-class probability, equal-width bins.
 
     For a posterior the probit predictive is used; for a model, its point estimate.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.diabetes()
+        model, _ = ux.fit(ux.models.LogisticRegression(data.train.n_features), data.train)
+        post = ux.laplace(model, data.train)
+        print(ux.metrics.ece(post, data.test), ux.metrics.ece(model, data.test))
+        ```
     """
     if bins < 1:
         raise ValueError(f"ece: `bins` must be ≥ 1; got {bins}.")
@@ -104,5 +155,16 @@ def ece(model, data: Dataset, *, bins: int = 10) -> Scalar:
 
 
 def agreement(a, b, X: Float[Array, "n p"]) -> Scalar:
-    """Fraction of rows of `X` where `a` and `b` predict the same class."""
+    """Fraction of rows of `X` where `a` and `b` predict the same class.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.diabetes()
+        model, _ = ux.fit(ux.models.LogisticRegression(data.train.n_features), data.train)
+        post = ux.laplace(model, data.train)
+        exact = ux.retrain(post, data.train, ux.forget_rows([0, 1, 2]))
+        print(ux.metrics.agreement(post, exact, data.test.X))
+        ```
+    """
     return jnp.mean(_model(a).predict(X) == _model(b).predict(X))

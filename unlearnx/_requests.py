@@ -28,6 +28,15 @@ class Edit(eqx.Module):
         X: replacement features `(k, p)`.
         y: replacement labels `(k,)`.
         weights: replacement weights `(k,)`; `0` deletes the row.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        train = ux.datasets.diabetes().train
+        edit = ux.forget_rows([4, 8, 15]).resolve(train)
+        print(edit.size, edit.mask.sum())   # 8 3: padded to the bucket size
+        edited = edit.apply(train)          # rows 4, 8, 15 now have weight 0
+        ```
     """
 
     index: Int[Array, " k"]
@@ -69,7 +78,15 @@ class Edit(eqx.Module):
 
 def bucket_size(k: int, n: int) -> int:
     """The padded size for `k` edited rows: the next power of two (at least 8), capped at
-    `n`, so that a stream of requests compiles for a handful of sizes only."""
+    `n`, so that a stream of requests compiles for a handful of sizes only.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        print(ux.bucket_size(3, 1000), ux.bucket_size(100, 1000), ux.bucket_size(900, 1000))
+        # 8 128 1000
+        ```
+    """
     b = max(8, 1 << (max(k, 1) - 1).bit_length())
     return max(k, min(b, n))
 
@@ -78,7 +95,15 @@ class Request(eqx.Module):
     """A deletion request, before it is checked against data. Build one with
     [`forget_rows`][unlearnx.forget_rows], [`forget_features`][unlearnx.forget_features]
     or [`relabel`][unlearnx.relabel]; unlearning transforms resolve it into an
-    [`Edit`][unlearnx.Edit]."""
+    [`Edit`][unlearnx.Edit].
+
+    Example:
+        ```python
+        import unlearnx as ux
+        request = ux.relabel([0, 1], [1, 0])
+        edit = request.resolve(ux.datasets.diabetes().train)
+        ```
+    """
 
     kind: str = eqx.field(static=True)
     rows: np.ndarray | None

@@ -31,6 +31,18 @@ class Ledger(eqx.Module):
         count: how many requests have been applied.
         last_request: per row, the 1-based number of the last request that edited it
             (0 if none); together with the data's weights this says which rows are gone.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.diabetes().train
+        model, _ = ux.fit(ux.models.LogisticRegression(data.n_features), data)
+        unlearner = ux.second_order()
+        state = unlearner.init(ux.laplace(model, data), data)
+        _, state, _ = unlearner.update(ux.forget_rows([1, 2]), state)
+        _, state, _ = unlearner.update(ux.forget_rows([7]), state)
+        print(int(state.ledger.count), state.ledger.last_request[:8])  # 2 [0 1 1 0 0 0 0 2]
+        ```
     """
 
     count: Int[Array, ""]
@@ -44,7 +56,17 @@ class Ledger(eqx.Module):
 
 class UnlearnState(eqx.Module):
     """The state threaded through `update`: current posterior, current (edited) data, the
-    ledger of applied requests, and each transform's own state."""
+    ledger of applied requests, and each transform's own state.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.diabetes().train
+        model, _ = ux.fit(ux.models.LogisticRegression(data.n_features), data)
+        state = ux.second_order().init(ux.laplace(model, data), data)
+        print(state.data.n, int(state.ledger.count))
+        ```
+    """
 
     posterior: LaplacePosterior
     data: Dataset
@@ -167,7 +189,15 @@ def _apply_eager(unlearner, edit, state):
 
 class Chain(AbstractUnlearner):
     """Transforms applied one after another to the same request (see
-    [`chain`][unlearnx.chain])."""
+    [`chain`][unlearnx.chain]).
+
+    Example:
+        ```python
+        import unlearnx as ux
+        unlearner = ux.chain(ux.second_order(), ux.refine(steps=2))
+        print(len(unlearner.transforms))
+        ```
+    """
 
     transforms: tuple[AbstractUnlearner, ...]
 
@@ -221,5 +251,16 @@ class Identity(AbstractUnlearner):
 
 
 def identity() -> Identity:
-    """The do-nothing baseline: the data is edited, the posterior is not."""
+    """The do-nothing baseline: the data is edited, the posterior is not.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.diabetes().train
+        model, _ = ux.fit(ux.models.LogisticRegression(data.n_features), data)
+        post = ux.laplace(model, data)
+        same, state, _ = ux.identity().update(ux.forget_rows([0]), ux.identity().init(post, data))
+        assert float(ux.metrics.distance(same, post)) == 0.0
+        ```
+    """
     return Identity()
