@@ -137,9 +137,10 @@ class Request(eqx.Module):
                     f"remove them from the request."
                 )
         k = rows.size
-        # Gather only the k edited rows: converting all of `X` would cost O(n p) per request.
-        X = np.asarray(data.X[jnp.asarray(rows)])
-        y = np.asarray(data.y[jnp.asarray(rows)])
+        # `np.asarray` of a CPU jax array is a zero-copy view; numpy fancy indexing then
+        # gathers the k rows without dispatching (and compiling) a jax gather per size.
+        X = np.asarray(data.X)[rows]
+        y = np.asarray(data.y)[rows]
         w = weights[rows].copy()
         if self.kind == "forget_rows":
             remaining = int(np.sum(weights > 0)) - k
@@ -156,7 +157,7 @@ class Request(eqx.Module):
             cols = sorted(set(cols))
             if self.fill == "mean":
                 keep = weights > 0
-                Xc = np.asarray(data.X[:, jnp.asarray(cols)])[keep]
+                Xc = np.asarray(data.X)[keep][:, cols]
                 fill = (Xc * weights[keep, None]).sum(0) / weights[keep].sum()
             else:
                 fill = np.full(len(cols), float(self.fill))

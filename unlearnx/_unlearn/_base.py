@@ -169,8 +169,8 @@ class AbstractUnlearner(eqx.Module):
                 f"{state.data.n_features}."
             )
         run = _apply_jit if self.jittable else _apply_eager
-        posterior, state, info = run(self, edit, state)
-        if throw and not bool(jnp.all(jnp.isfinite(posterior.theta))):
+        posterior, state, info, finite = run(self, edit, state)
+        if throw and not bool(finite):
             raise RuntimeError(
                 f"update: {type(self).__name__} produced non-finite parameters. Try "
                 f"`second_order(damping=...)`, fewer refine steps, or `exact_retrain()`."
@@ -178,13 +178,15 @@ class AbstractUnlearner(eqx.Module):
         return posterior, state, info
 
 
+def _apply_eager(unlearner, edit, state):
+    """`apply`, plus whether the new mean is finite (checked inside the same call)."""
+    posterior, state, info = unlearner.apply(edit, state)
+    return posterior, state, info, jnp.all(jnp.isfinite(posterior.theta))
+
+
 @eqx.filter_jit
 def _apply_jit(unlearner, edit, state):
-    return unlearner.apply(edit, state)
-
-
-def _apply_eager(unlearner, edit, state):
-    return unlearner.apply(edit, state)
+    return _apply_eager(unlearner, edit, state)
 
 
 class Chain(AbstractUnlearner):
