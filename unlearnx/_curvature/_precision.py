@@ -78,37 +78,77 @@ def _chol_rank_one(L, x, sign):
     Written here because neither jax.scipy, lineax nor scipy offers a Cholesky
     up/downdate; this is the classic O(d²) algorithm (Golub & Van Loan §6.5.4). Returns
     `(L', ok)`, where `ok` is False if a downdate would make the matrix indefinite.
+
+    Column `k` of `L'` depends only on column `k` of `L` and the running vector `x`, so
+    the sweep is a `scan` over the columns that emits the new ones. (Writing them back
+    into a loop-carried `L` made XLA copy the whole factor on every step as soon as `ok`
+    was used: O(d³) per update, 50× slower at `d = 400`.) A zero `x` (padding; the `add`
+    half of a deletion) changes nothing and skips the sweep.
     """
     d = L.shape[0]
     idx = jnp.arange(d)
 
-    def body(k, carry):
-        L, x, ok = carry
-        Lkk = L[k, k]
-        r2 = Lkk**2 + sign * x[k] ** 2
+    def column(carry, inputs):
+        x, ok = carry
+        Lcol, k = inputs
+        Lkk = Lcol[k]
+        xk = x[k]
+        r2 = Lkk**2 + sign * xk**2
         ok = ok & (r2 > 0)
         r = jnp.sqrt(jnp.where(r2 > 0, r2, Lkk**2))
         c = r / Lkk
-        s = x[k] / Lkk
+        s = xk / Lkk
         below = idx > k
-        col = jnp.where(below, (L[:, k] + sign * s * x) / c, L[:, k])
-        col = col.at[k].set(r)
+        col = jnp.where(below, (Lcol + sign * s * x) / c, Lcol).at[k].set(r)
         x = jnp.where(below, c * x - s * col, x)
-        return L.at[:, k].set(col), x, ok
+        return (x, ok), col
 
-    L, _, ok = jax.lax.fori_loop(0, d, body, (L, x, jnp.array(True)))
-    return L, ok
+    def sweep(L):
+        (_, ok), cols = jax.lax.scan(column, (x, jnp.array(True)), (L.T, idx))
+        return cols.T, ok
+
+    return jax.lax.cond(jnp.any(x != 0), sweep, lambda L: (L, jnp.array(True)), L)
 
 
 def _use_rank_updates(m: int, d: int, method: UpdateMethod) -> bool:
-    """Cost model: `m` sequential rank-one updates cost ~`m·d` dependent steps of O(d)
-    work each; a refactorisation costs one `m×d×d` matrix product plus `d³/3` flops of
-    blocked (fast) Cholesky. Rank updates win only when `m` is small against `d`."""
+    """Whether `factor_update` should apply `m` rank-one Cholesky up/downdates to the
+    `d × d` factor (`True`) or form the new matrix and refactorise it (`False`).
+
+    Cost model: the rank-one updates are `m·d` *dependent* loop steps of O(d) work each,
+    about `m·d·(0.5 µs + 2.5 ns·d)` on a CPU; a refactorisation is one blocked LAPACK
+    Cholesky, about `d³ · 10 ps` (the `m×d×d` product that forms the matrix is paid on
+    both paths). So rank updates win only while `m` is a small fraction of `d`.
+
+    Measured by section 3 of `benchmarks/bench_adult.py` (the same `factor_update`
+    call; float64, jit, BLAS on one thread, 2-core AMD EPYC, JAX 0.10.2; best of 9 runs),
+    one rank-one update against one refactorisation: 0.13 vs 0.10 ms at `d = 106`,
+    0.5 vs 1.1 ms at `d = 400`, 3.4-4.6 vs 12 ms at `d = 1,000`, 20-26 vs 95-120 ms at
+    `d = 2,000`. The largest `m` for which rank updates are faster: 0 at `d = 106`, 2 at
+    400, 2 at 1,000 and 4 at 2,000 (3 and 6 at 1,000 and 2,000 with BLAS threaded on a
+    quiet machine): `m* ≈ d/300` within a factor of 2, hence `300·m ≤ d`.
+
+    The rule leans towards refactorising on purpose: a wrong "refactor" costs at most
+    one Cholesky, a wrong "rank_update" grows with `m` (65 ms against 2.6 ms for a
+    1,000-row deletion on Adult), more cores speed up only the refactorisation, and on
+    a GPU each sequential step is a kernel launch. `m` counts padded and all-zero rows,
+    which the rank path skips at run time, so for deletions (whose `add` rows are all
+    zero) the rule is conservative. A GLM edit of `k` rows has `m = 2·bucket ≥ 16`, so
+    rank updates are chosen only from `d = 4,800`; on Adult (`d = 106`) "auto" always
+    refactorises, which section 2 of the benchmark confirms is the faster choice.
+    """
     if method == "rank_update":
         return True
     if method == "refactor":
         return False
-    return 16 * m <= d
+    return 300 * m <= d
+
+
+def _gram_if_nonzero(U: Float[Array, "m d"]) -> Float[Array, "d d"]:
+    """`Uᵀ U`, skipping the product at run time when `U` is all zeros (the `add` factors
+    of a row deletion, whose new rows have weight 0): that halves the `O(m d²)` work of
+    a deletion. Under `vmap` the `cond` becomes a `select` and both sides run, as before."""
+    d = U.shape[1]
+    return jax.lax.cond(jnp.any(U != 0), lambda U: U.T @ U, lambda U: jnp.zeros((d, d), U.dtype), U)
 
 
 class DensePrecision(AbstractPrecision):
@@ -150,7 +190,7 @@ class DensePrecision(AbstractPrecision):
         return self.matrix
 
     def factor_update(self, add, remove, method="auto"):
-        matrix = self.matrix + add.T @ add - remove.T @ remove
+        matrix = self.matrix + _gram_if_nonzero(add) - _gram_if_nonzero(remove)
         m = add.shape[0] + remove.shape[0]
         if not _use_rank_updates(m, self.dim, method):
             new, ok = DensePrecision.from_matrix(matrix)
