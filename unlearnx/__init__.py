@@ -1,6 +1,6 @@
 """unlearnx: machine unlearning as a posterior update, in JAX."""
 
-from . import datasets as datasets, metrics as metrics, models as models
+from . import datasets as datasets, hsic as hsic, metrics as metrics, models as models
 from ._curvature._precision import (
     AbstractPrecision as AbstractPrecision,
     DensePrecision as DensePrecision,
@@ -15,7 +15,6 @@ from ._posterior._laplace import (
     tune_prior_precision as tune_prior_precision,
 )
 
-__version__ = "0.1.0"
 from ._requests import (
     Edit as Edit,
     Request as Request,
@@ -44,3 +43,6 @@ from ._unlearn._refine import (
     refine as refine,
     retrain as retrain,
 )
+from .hsic import hsic_test as hsic_test
+
+__version__ = "0.1.0"
