@@ -254,7 +254,7 @@ def test_second_update_does_not_recompile(glm, caplog):
         caplog.clear()
         with caplog.at_level(logging.WARNING), jax.log_compiles():
             _, state, _ = u.update(request, state)
-        return state, any("_apply_jit" in r.getMessage() for r in caplog.records)
+        return state, any("_step_jit" in r.getMessage() for r in caplog.records)
 
     # a different size in the same bucket (8) reuses the compiled update...
     s, traced = traced_apply(ux.forget_rows([6, 7, 8, 9, 10]), s)

@@ -62,33 +62,54 @@ class Edit(eqx.Module):
         """The replacement rows, as `(X, y, w)`; padded entries get weight 0."""
         return self.X, self.y, jnp.where(self.mask, self.weights, 0)
 
-    def apply(self, data: Dataset) -> Dataset:
-        """The edited dataset (same shapes; padded entries are dropped by the scatter)."""
-        i = jnp.where(self.mask, self.index, data.n)
-        return eqx.tree_at(
-            lambda d: (d.X, d.y, d.weights),
-            data,
-            (
-                data.X.at[i].set(self.X, mode="drop"),
-                data.y.at[i].set(self.y.astype(data.y.dtype), mode="drop"),
-                data.weights.at[i].set(self.weights.astype(data.weights.dtype), mode="drop"),
-            ),
+    def apply(self, data: Dataset, *, features: bool = True) -> Dataset:
+        """The edited dataset (same shapes; padded entries are dropped by the scatter).
+
+        Args:
+            data: the data before the edit.
+            features: whether the edit may change `X`. Pass `False` for row deletions and
+                relabels (whose replacement rows carry the old features): `X` is then
+                passed through instead of scattered into, which under `jit` saves a copy
+                of the whole feature matrix.
+        """
+        X = self.scatter_features(data.X) if features else data.X
+        y, weights = self.scatter_rows(data.y, data.weights)
+        return eqx.tree_at(lambda d: (d.X, d.y, d.weights), data, (X, y, weights))
+
+    def _targets(self, n: int) -> Int[Array, " k"]:
+        # Padded entries point past the end, where a `mode="drop"` scatter ignores them.
+        return jnp.where(self.mask, self.index, n)
+
+    def scatter_rows(self, y: Array, weights: Float[Array, " n"]) -> tuple[Array, Array]:
+        """The labels and weights after the edit."""
+        i = self._targets(y.shape[0])
+        return (
+            y.at[i].set(self.y.astype(y.dtype), mode="drop"),
+            weights.at[i].set(self.weights.astype(weights.dtype), mode="drop"),
         )
+
+    def scatter_features(self, X: Float[Array, "n p"]) -> Float[Array, "n p"]:
+        """The features after the edit."""
+        return X.at[self._targets(X.shape[0])].set(self.X, mode="drop")
 
 
 def bucket_size(k: int, n: int) -> int:
-    """The padded size for `k` edited rows: the next power of two (at least 8), capped at
-    `n`, so that a stream of requests compiles for a handful of sizes only.
+    """The padded size for `k` edited rows, capped at `n`: 8 for up to 8 rows, then four
+    sizes per power of two (multiples of an eighth of the next power of two), so that a
+    stream of requests compiles for a handful of sizes only and padding wastes at most a
+    quarter of the work (plain powers of two would waste up to half).
 
     Example:
         ```python
         import unlearnx as ux
         print(ux.bucket_size(3, 1000), ux.bucket_size(100, 1000), ux.bucket_size(900, 1000))
-        # 8 128 1000
+        # 8 112 1000
         ```
     """
-    b = max(8, 1 << (max(k, 1) - 1).bit_length())
-    return max(k, min(b, n))
+    k = max(k, 1)
+    b = max(8, 1 << (k - 1).bit_length())
+    step = max(8, b // 8)
+    return max(k, min(-(-k // step) * step, n))
 
 
 class Request(eqx.Module):
@@ -123,8 +144,25 @@ class Request(eqx.Module):
                 request, a request that deletes every remaining row, unknown columns,
                 labels outside the model's classes.
         """
+        index, mask, X, y, w = self.resolve_host(data, bucket=bucket)
+        return Edit(
+            index=jnp.asarray(index),
+            mask=jnp.asarray(mask),
+            X=jnp.asarray(X),
+            y=jnp.asarray(y),
+            weights=jnp.asarray(w),
+        )
+
+    def resolve_host(self, data: Dataset, *, bucket: int | None = None, host=None):
+        """[`resolve`][unlearnx.Request.resolve] on the host: the `Edit`'s arrays as NumPy
+        arrays `(index, mask, X, y, weights)`, with the same checks. For resolving many
+        requests at once (`ux.batch`), `host=(X, y, weights)` passes NumPy views of the
+        data's arrays so that they are not fetched again for every request.
+        """
         n = data.n
-        weights = np.asarray(data.weights)
+        if host is None:
+            host = (np.asarray(data.X), np.asarray(data.y), np.asarray(data.weights))
+        X_all, y_all, weights = host
         where = f"{self.kind}"
         if self.rows is None:
             rows = np.flatnonzero(weights > 0)
@@ -139,8 +177,8 @@ class Request(eqx.Module):
         k = rows.size
         # `np.asarray` of a CPU jax array is a zero-copy view; numpy fancy indexing then
         # gathers the k rows without dispatching (and compiling) a jax gather per size.
-        X = np.asarray(data.X)[rows]
-        y = np.asarray(data.y)[rows]
+        X = X_all[rows]
+        y = y_all[rows]
         w = weights[rows].copy()
         if self.kind == "forget_rows":
             remaining = int(np.sum(weights > 0)) - k
@@ -157,7 +195,7 @@ class Request(eqx.Module):
             cols = sorted(set(cols))
             if self.fill == "mean":
                 keep = weights > 0
-                Xc = np.asarray(data.X)[keep][:, cols]
+                Xc = X_all[keep][:, cols]
                 fill = (Xc * weights[keep, None]).sum(0) / weights[keep].sum()
             else:
                 fill = np.full(len(cols), float(self.fill))
@@ -170,7 +208,7 @@ class Request(eqx.Module):
                     f"relabel: `labels` has shape {labels.shape} but {k} rows were given; "
                     f"pass one new label per row."
                 )
-            if jnp.issubdtype(data.y.dtype, jnp.integer):
+            if np.issubdtype(y_all.dtype, np.integer):
                 if not np.issubdtype(labels.dtype, np.integer):
                     if not np.all(np.mod(labels, 1) == 0):
                         raise ValueError("relabel: `labels` must be integer class ids.")
@@ -182,17 +220,17 @@ class Request(eqx.Module):
                     )
             elif not np.all(np.isfinite(labels)):
                 raise ValueError("relabel: `labels` contains NaN or Inf.")
-            y = labels.astype(data.y.dtype)
+            y = labels.astype(y_all.dtype)
         size = bucket_size(k, n) if bucket is None else bucket
         if size < k:
             raise ValueError(f"{where}: `bucket={bucket}` is smaller than the request ({k} rows).")
         pad = size - k
-        return Edit(
-            index=jnp.asarray(np.concatenate([rows, np.full(pad, n)]).astype(np.int32)),
-            mask=jnp.asarray(np.concatenate([np.ones(k, bool), np.zeros(pad, bool)])),
-            X=jnp.asarray(np.concatenate([X, np.zeros((pad, X.shape[1]), X.dtype)])),
-            y=jnp.asarray(np.concatenate([y, np.zeros(pad, y.dtype)])),
-            weights=jnp.asarray(np.concatenate([w, np.zeros(pad, w.dtype)])),
+        return (
+            np.concatenate([rows, np.full(pad, n)]).astype(np.int32),
+            np.concatenate([np.ones(k, bool), np.zeros(pad, bool)]),
+            np.concatenate([X, np.zeros((pad, X.shape[1]), X.dtype)]),
+            np.concatenate([y, np.zeros(pad, y.dtype)]),
+            np.concatenate([w, np.zeros(pad, w.dtype)]),
         )
 
 

@@ -120,15 +120,20 @@ class AbstractUnlearner(eqx.Module):
         ledger = Ledger(jnp.array(0, jnp.int32), jnp.zeros(data.n, jnp.int32))
         return UnlearnState(posterior, data, ledger, self.init_inner(posterior, data))
 
-    def apply(self, edit: Edit, state: UnlearnState):
+    def apply(self, edit: Edit, state: UnlearnState, *, features: bool = True):
         """The pure update for an already-resolved `Edit`: no checks, jit/vmap-friendly.
+
+        Args:
+            edit: from `request.resolve(state.data)`.
+            state: from `init` or a previous update.
+            features: whether the edit may change `X` (see [`Edit.apply`][unlearnx.Edit.apply]);
+                `False` is only correct for row deletions and relabels.
 
         Returns:
             `(posterior, state, info)`.
         """
-        new = edit.apply(state.data)
-        ctx = Context(edit, state.data, new, state.posterior)
-        posterior, inner, info = self.step(ctx, state.posterior, state.inner)
+        posterior, inner, info = _posterior_step(self, edit, state, features)
+        new = edit.apply(state.data, features=features)
         state = UnlearnState(posterior, new, state.ledger.record(edit), inner)
         return posterior, state, info
 
@@ -168,8 +173,18 @@ class AbstractUnlearner(eqx.Module):
                 f"update: the edit has {edit.X.shape[1]} feature columns but the data has "
                 f"{state.data.n_features}."
             )
-        run = _apply_jit if self.jittable else _apply_eager
-        posterior, state, info, finite = run(self, edit, state)
+        # Row deletions and relabels leave `X` alone: knowing it statically keeps the
+        # compiled step from copying the feature matrix.
+        features = not (isinstance(request, Request) and request.kind != "forget_features")
+        run = _step_jit if self.jittable else _step_eager
+        posterior, inner, info, finite = run(self, edit, state, features)
+        # The new state is assembled outside the compiled step: returning the dataset from
+        # `jit` would copy `X` (26 MB on Adult) even when it did not change.
+        data = state.data
+        X = _edit_features(edit, data.X) if features else data.X
+        y, weights = _edit_rows(edit, data.y, data.weights)
+        data = eqx.tree_at(lambda d: (d.X, d.y, d.weights), data, (X, y, weights))
+        state = UnlearnState(posterior, data, _record(state.ledger, edit), inner)
         if throw and not bool(finite):
             raise RuntimeError(
                 f"update: {type(self).__name__} produced non-finite parameters. Try "
@@ -178,15 +193,36 @@ class AbstractUnlearner(eqx.Module):
         return posterior, state, info
 
 
-def _apply_eager(unlearner, edit, state):
-    """`apply`, plus whether the new mean is finite (checked inside the same call)."""
-    posterior, state, info = unlearner.apply(edit, state)
-    return posterior, state, info, jnp.all(jnp.isfinite(posterior.theta))
+def _posterior_step(unlearner, edit, state, features):
+    new = edit.apply(state.data, features=features)
+    ctx = Context(edit, state.data, new, state.posterior)
+    return unlearner.step(ctx, state.posterior, state.inner)
+
+
+def _step_eager(unlearner, edit, state, features):
+    """The posterior step, plus whether the new mean is finite (checked in the same call)."""
+    posterior, inner, info = _posterior_step(unlearner, edit, state, features)
+    return posterior, inner, info, jnp.all(jnp.isfinite(posterior.theta))
 
 
 @eqx.filter_jit
-def _apply_jit(unlearner, edit, state):
-    return _apply_eager(unlearner, edit, state)
+def _step_jit(unlearner, edit, state, features):
+    return _step_eager(unlearner, edit, state, features)
+
+
+@eqx.filter_jit
+def _edit_rows(edit, y, weights):
+    return edit.scatter_rows(y, weights)
+
+
+@eqx.filter_jit
+def _edit_features(edit, X):
+    return edit.scatter_features(X)
+
+
+@eqx.filter_jit
+def _record(ledger, edit):
+    return ledger.record(edit)
 
 
 class Chain(AbstractUnlearner):
