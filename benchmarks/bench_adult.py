@@ -89,9 +89,11 @@ def rule(width: int = 96) -> None:
 
 @eqx.filter_jit
 def apply_jit(unlearner, edit, state):
-    """`unlearner.apply` on a pre-resolved edit: the posterior update plus the new state
-    (which holds a copy of the edited dataset)."""
-    return unlearner.apply(edit, state)
+    """`unlearner.apply` on a pre-resolved row deletion (`features=False`): the posterior
+    update plus the new weights and ledger. The new state's `X` is not returned: returning
+    the 26 MB feature matrix from `jit` copies it, which `update` also avoids."""
+    posterior, new_state, _ = unlearner.apply(edit, state, features=False)
+    return posterior, new_state.data.weights, new_state.ledger
 
 
 @eqx.filter_jit

@@ -182,9 +182,9 @@ class AbstractUnlearner(eqx.Module):
         # `jit` would copy `X` (26 MB on Adult) even when it did not change.
         data = state.data
         X = _edit_features(edit, data.X) if features else data.X
-        y, weights = _edit_rows(edit, data.y, data.weights)
+        y, weights, ledger = _edit_rows(edit, data.y, data.weights, state.ledger)
         data = eqx.tree_at(lambda d: (d.X, d.y, d.weights), data, (X, y, weights))
-        state = UnlearnState(posterior, data, _record(state.ledger, edit), inner)
+        state = UnlearnState(posterior, data, ledger, inner)
         if throw and not bool(finite):
             raise RuntimeError(
                 f"update: {type(self).__name__} produced non-finite parameters. Try "
@@ -211,18 +211,14 @@ def _step_jit(unlearner, edit, state, features):
 
 
 @eqx.filter_jit
-def _edit_rows(edit, y, weights):
-    return edit.scatter_rows(y, weights)
+def _edit_rows(edit, y, weights, ledger):
+    return *edit.scatter_rows(y, weights), ledger.record(edit)
 
 
 @eqx.filter_jit
 def _edit_features(edit, X):
     return edit.scatter_features(X)
 
-
-@eqx.filter_jit
-def _record(ledger, edit):
-    return ledger.record(edit)
 
 
 class Chain(AbstractUnlearner):
