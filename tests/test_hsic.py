@@ -209,13 +209,17 @@ def test_blocked_equals_biased(block, xy):
         assert abs(float(blk) - float(b)) < 1e-10
 
 
+# Peak memory is read from /proc/self/status (VmHWM, the high-water mark of this process's
+# own address space). `getrusage(...).ru_maxrss` would be wrong here: Linux carries the
+# parent's peak across fork/vfork + exec, so under a large pytest process it reports the
+# parent's memory, not the estimator's.
 _MEMORY_SCRIPT = """
-import resource
 import numpy as np
 from unlearnx.hsic import hsic
 x = np.random.default_rng(0).normal(size=20_000).astype(np.float32)
 hsic(x, x**2, estimator="blocked").block_until_ready()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(int(hwm.split()[1]) / 1024)
 """
 
 

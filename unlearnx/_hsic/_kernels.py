@@ -170,7 +170,7 @@ def _bandwidth(b):
 class GaussianKernel(AbstractKernel):
     """The Gaussian (RBF) kernel `k(x, y) = exp(−‖x − y‖² / (2σ²))`.
 
-    Args:
+    Attributes:
         bandwidth: `σ`. `None` (the default) means "choose by the median heuristic":
             `kernel.fit(X)` then sets `σ` to
             [`median_heuristic(X)`][unlearnx.hsic.median_heuristic], the median pairwise
