@@ -1,6 +1,12 @@
 """unlearnx: machine unlearning as a posterior update, in JAX."""
 
-from . import datasets as datasets, hsic as hsic, metrics as metrics, models as models
+from . import (
+    datasets as datasets,
+    hsic as hsic,
+    metrics as metrics,
+    models as models,
+    scenarios as scenarios,
+)
 from ._curvature._precision import (
     AbstractPrecision as AbstractPrecision,
     DensePrecision as DensePrecision,
@@ -14,7 +20,6 @@ from ._posterior._laplace import (
     laplace as laplace,
     tune_prior_precision as tune_prior_precision,
 )
-
 from ._requests import (
     Edit as Edit,
     Request as Request,
@@ -31,6 +36,11 @@ from ._unlearn._base import (
     chain as chain,
     identity as identity,
 )
+from ._unlearn._independence import (
+    IndependenceInfo as IndependenceInfo,
+    independence as independence,
+    retrain_independent as retrain_independent,
+)
 from ._unlearn._influence import (
     FirstOrderInfo as FirstOrderInfo,
     SecondOrderInfo as SecondOrderInfo,
@@ -42,6 +52,11 @@ from ._unlearn._refine import (
     exact_retrain as exact_retrain,
     refine as refine,
     retrain as retrain,
+)
+from ._unlearn._reweight import (
+    ReweightInfo as ReweightInfo,
+    ReweightState as ReweightState,
+    reweight as reweight,
 )
 from .hsic import hsic_test as hsic_test
 
