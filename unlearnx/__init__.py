@@ -1,12 +1,14 @@
 """unlearnx: machine unlearning as a posterior update, in JAX."""
 
 from . import (
+    batch as batch,
     datasets as datasets,
     hsic as hsic,
     metrics as metrics,
     models as models,
     scenarios as scenarios,
 )
+from ._checkpoint import load as load, save as save
 from ._curvature._precision import (
     AbstractPrecision as AbstractPrecision,
     DensePrecision as DensePrecision,

@@ -1,4 +1,5 @@
-"""The `unlearnx` command-line tool: `unlearnx demo`, `unlearnx datasets`, `--version`."""
+"""The `unlearnx` command-line tool: `unlearnx demo`, `unlearnx datasets`,
+`unlearnx batch JOB.toml`, `unlearnx report RESULTS`, `--version`."""
 
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="unlearnx",
         description=_DESCRIPTION,
         epilog="Examples:\n  unlearnx demo\n  unlearnx demo --dataset german --json out.json\n"
-        "  unlearnx datasets",
+        "  unlearnx datasets\n  unlearnx batch job.toml [--resume]\n"
+        "  unlearnx report job.results --plot shifts.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"unlearnx {__version__}")
@@ -117,7 +119,86 @@ def _parser() -> argparse.ArgumentParser:
         help="list the vendored datasets with their shapes and licences",
         description="List the datasets that ship with unlearnx (usable offline).",
     )
+
+    batch = commands.add_parser(
+        "batch",
+        help="unlearn thousands of requests from a job file, chunked and resumable",
+        description=_BATCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    batch.add_argument("job", metavar="JOB.toml", help="the job file")
+    batch.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in the job's output directory",
+    )
+    batch.add_argument(
+        "--merge",
+        action="store_true",
+        help="only merge the per-process parts of a multi-process run into one manifest",
+    )
+    batch.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    batch.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="run as one of several processes: jax.distributed.initialize's coordinator",
+    )
+    batch.add_argument(
+        "--num-processes", type=_positive_int, metavar="N", help="with --coordinator"
+    )
+    batch.add_argument("--process-id", type=_seed, metavar="I", help="with --coordinator")
+
+    report = commands.add_parser(
+        "report",
+        help="summarise the results of a batch job",
+        description="Summarise a batch job's results directory: progress, throughput, "
+        "fallbacks and the distribution of each diagnostic. Works on unfinished runs.",
+    )
+    report.add_argument("results", metavar="RESULTS", help="the job's output directory")
+    report.add_argument("--plot", metavar="PATH", help="write histograms to PATH (png, pdf, svg)")
+    report.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
     return parser
+
+
+_BATCH_HELP = """\
+Apply every request of a CSV file, each independently, to a saved posterior: vmapped over
+requests of similar size, sharded over the local devices, written chunk by chunk (one .npz
+per chunk and a manifest, each written atomically), so that an interrupted run continues
+with --resume without redoing or losing a request. Example job file:
+
+  [posterior]
+  checkpoint = "posterior.ux"          # from ux.save(path, posterior)
+
+  [data]
+  dataset = "adult"                    # adult, diabetes or german (vendored)
+  split = "train"                      # the rows the posterior was fitted on
+
+  [requests]
+  csv = "requests.csv"                 # request_id,kind,rows,features,labels
+
+  [method]
+  chain = ["second_order", { refine = { steps = 2 } }]
+
+  [output]
+  directory = "results"                # default: JOB.results next to the job file
+  chunk_size = 256                     # requests per chunk file
+  parameters = true                    # per-request posterior means
+  query = "test"                       # also predictions on the first query_rows test rows
+  query_rows = 100
+  predict = "map"                      # or "probit"
+
+In requests.csv, rows, features and labels are space-separated; kind is forget_rows,
+forget_features or relabel. Several processes (one per host): start each with
+--coordinator HOST:PORT --num-processes N --process-id I; each runs its slice of the
+chunks; then run once with --merge.
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = _seed(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,9 +214,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--json: {args.json} is a directory; give a file name")
     console = Console(highlight=False, quiet=getattr(args, "quiet", False))
     err = Console(stderr=True, highlight=False)
+    if args.command == "batch" and args.coordinator is not None:
+        if args.num_processes is None or args.process_id is None:
+            parser.error("--coordinator needs --num-processes and --process-id")
     try:
         if args.command == "demo":
             _demo(args, console)
+        elif args.command == "batch":
+            _batch(args, console)
+        elif args.command == "report":
+            _report(args, console)
         else:
             _datasets(console)
     except (ValueError, OSError) as e:
@@ -298,3 +386,121 @@ def _datasets(console: Console) -> None:
         "unlearnx/_data/files/README.md, or each loader's docstring.",
         style="dim",
     )
+
+
+def _batch(args: argparse.Namespace, console: Console) -> None:
+    from ._batch import _jobs
+
+    if args.merge:
+        job = _jobs.read_job(args.job)
+        merged = _jobs.merge_results(job.output)
+        console.print(
+            f"Merged {len(merged['merged_from'])} parts: {len(merged['chunks'])} chunks, "
+            f"{merged['n_requests']:,} requests → {job.output}/manifest.json",
+            markup=False,
+        )
+        return
+    # Before anything touches a device: the distributed runtime, then float64 if the
+    # checkpoint holds it.
+    if args.coordinator is not None:
+        import jax
+
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    job = _jobs.prepare_runtime(args.job)
+    if args.quiet:
+        summary = _jobs.run_job(job.path, resume=args.resume)
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console.print(f"[bold]unlearnx batch[/bold] {escape(job.path)}")
+    columns = (
+        TextColumn("[bold]unlearning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("unlearning", total=None, rate="")
+        start: dict = {}
+
+        def progress(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if not start:
+                start.update(t=now, done=done)
+            rate = (done - start["done"]) / (now - start["t"]) if now > start["t"] else 0.0
+            bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} req/s")
+
+        summary = _jobs.run_job(job.path, resume=args.resume, progress=progress)
+    rate = summary["ran"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
+    console.print(
+        f"{summary['ran']:,} requests run ({summary['process_requests']:,} in this process's "
+        f"{summary['chunks']} chunks, {summary['n_requests']:,} in the job) in "
+        f"{summary['seconds']:.1f} s, {rate:,.0f} requests/s including compilation → "
+        f"{escape(summary['directory'])}"
+    )
+
+
+def _report(args: argparse.Namespace, console: Console) -> None:
+    from ._batch import _jobs
+
+    s = _jobs.summarize(args.results)
+    table = Table(
+        title=escape(f"Batch results: {args.results}"), title_justify="left", box=box.SIMPLE_HEAD
+    )
+    table.add_column("", style="bold", no_wrap=True)
+    table.add_column("value")
+    status = "complete" if s["complete"] else "INCOMPLETE (resume the job)"
+    table.add_row("requests", f"{s['done']:,} of {s['n_requests']:,} ({status})")
+    table.add_row("chunks", s["chunks"])
+    table.add_row("method", escape(json.dumps(s["method"])))
+    table.add_row("kinds", ", ".join(f"{k} {v:,}" for k, v in s["kinds"].items()))
+    rps = s["requests_per_second"]
+    table.add_row(
+        "compute", f"{s['compute_seconds']:.2f} s" + (f", {rps:,.0f} requests/s" if rps else "")
+    )
+    table.add_row("non-finite", f"{s['non_finite']:,}")
+    table.add_row("plain fallback", f"{s['plain_fallback']:,} (indefinite batched downdate)")
+    console.print(table)
+    stats = Table(title="Distributions", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("quantity", "median", "p90", "max"):
+        stats.add_column(col, justify="left" if col == "quantity" else "right")
+    rows = []
+    if "parameter_shift" in s:
+        rows.append(("‖θᵢ − θ*‖", s["parameter_shift"]))
+    if "prediction_change" in s:
+        rows.append(("max |Δ prediction|", s["prediction_change"]))
+    for name, v in s["diagnostics"].items():
+        if "median" in v:
+            rows.append((name, v))
+        else:
+            stats_bool = f"true {v['true']:,} / false {v['false']:,}"
+            stats.add_row(escape(name), stats_bool, "", "")
+    for name, v in rows:
+        stats.add_row(escape(name), *(_num(v[k]) for k in ("median", "p90", "max")))
+    console.print(stats)
+    if args.json is not None:
+        _write_json(args.json, s)
+        console.print(f"Wrote {args.json}", markup=False)
+    if args.plot is not None:
+        _jobs.plot(args.results, args.plot)
+        console.print(f"Wrote {args.plot}", markup=False)
+
+
+def _num(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}"

@@ -220,7 +220,6 @@ def _edit_features(edit, X):
     return edit.scatter_features(X)
 
 
-
 class Chain(AbstractUnlearner):
     """Transforms applied one after another to the same request (see
     [`chain`][unlearnx.chain]).
