@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -19,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from ._checkpoint import _atomic_write
 from ._demo import DATASETS, GROUP_FRACTION, REFINE_STEPS, RELABEL_FRACTIONS, run_demo
 
 _DESCRIPTION = (
@@ -332,24 +331,9 @@ def _speedup(s: float) -> str:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    """Write `obj` as JSON to `path` atomically: a temporary file in the same directory,
-    then `os.replace`."""
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write `obj` as JSON to `path` atomically (the checkpoints' writer: a temporary file
+    in the same directory, fsynced, then `os.replace`)."""
+    _atomic_write(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
 def _licence(description: str) -> str:
