@@ -209,8 +209,8 @@ def test_adam_needs_a_key(small):
 
 def test_unknown_structure(small):
     data, model, _ = small
-    with _unchecked(), pytest.raises(ValueError, match="unknown `structure='kfac'`"):
-        ux.laplace(model, data, structure="kfac")
+    with _unchecked(), pytest.raises(ValueError, match="unknown `structure='kron'`"):
+        ux.laplace(model, data, structure="kron")
 
 
 def test_unknown_curvature(small):

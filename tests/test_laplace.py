@@ -345,8 +345,9 @@ def test_linear_regression_predict_is_exact_posterior_predictive(blr_data):
 def test_memory_refusal_names_diag(pima_post):
     train, model, _ = pima_post
     d = train.n_features + 1
-    # more than the diagonal needs (4·d·8 bytes), less than the dense structure (3·d²·8)
-    budget = 8 * d * 8 / 2**30
+    # more than the diagonal needs (4·d numbers and one chunk's n·d Jacobians), less than
+    # the dense structure (3·d² numbers and the same Jacobians)
+    budget = (4 * d + train.n * d + d * d) * 8 / 2**30
     with pytest.raises(ValueError, match="diag"):
         ux.laplace(model, train, prior_precision=1.0, max_memory_gb=budget)
     post = ux.laplace(model, train, prior_precision=1.0, structure="diag", max_memory_gb=budget)

@@ -88,3 +88,47 @@ def data_curvature(theta, unravel, data, kind: Curvature, *, diagonal=False, chu
 
     acc, _ = jax.lax.scan(body, init, (Xs, ys, ws))
     return acc
+
+
+def rows_ggn_vp(theta, unravel, X, y, w, v, kind: Curvature = "ggn") -> Float[Array, " d"]:
+    """`(Σ_rows w ∇²ℓ) v` without forming any matrix: a JVP, the output Hessian, a VJP
+    (GGN), or forward-over-reverse on the weighted loss (exact Hessian)."""
+    if kind == "hessian":
+
+        def g(t):
+            return jax.grad(lambda s: _rows_loss(unravel(s), X, y, w))(t)
+
+        return jax.jvp(g, (theta,), (v,))[1]
+
+    def outputs(t):
+        return jax.vmap(lambda x: unravel(t)(x))(X)
+
+    F, Jv = jax.jvp(outputs, (theta,), (v,))
+    lik = unravel(theta).likelihood
+
+    def out_hvp(f, jv, wi):
+        B = lik.hessian_sqrt(f)
+        return jnp.where(wi > 0, wi, 0.0) * (B @ (B.T @ jv))
+
+    HJv = jax.vmap(out_hvp)(F, Jv, w)
+    _, vjp = jax.vjp(outputs, theta)
+    return vjp(HJv)[0]
+
+
+def _rows_loss(model, X, y, w):
+    losses = jax.vmap(model.loss)(X, y)
+    return jnp.sum(jnp.where(w > 0, w * losses, 0.0))
+
+
+def data_ggn_vp(theta, unravel, data, v, kind: Curvature = "ggn", *, chunk=4096):
+    """`(Σ_i w_i ∇²ℓ_i) v` over all rows of `data` (GGN or exact Hessian), matrix-free,
+    accumulated over chunks of `chunk` rows (memory O(chunk · (p + c)) besides the
+    model's own activations)."""
+    chunk = min(chunk, data.n)
+    Xs, ys, ws = _chunked(data.X, data.y, data.weights, chunk)
+
+    def body(acc, rows):
+        return acc + rows_ggn_vp(theta, unravel, *rows, v, kind), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros_like(v), (Xs, ys, ws))
+    return acc

@@ -10,20 +10,58 @@ instead of returning NaN, and the caller decides how to recover.
 from __future__ import annotations
 
 import abc
-from typing import Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from .._custom_types import Array, Bool, Float, PRNGKeyArray, Scalar
+from .._custom_types import Array, Bool, Float, Int, PRNGKeyArray, Scalar
+from ._factors import Curvature, data_curvature, ggn_factors, rows_hessian
 
 UpdateMethod = Literal["auto", "rank_update", "refactor"]
 
+#: Rows of a dataset as `(X, y, w)`: inputs, labels and weights (weight-0 rows are
+#: padding and contribute nothing), e.g. `edit.old_rows(data)` or `edit.new_rows()`.
+Rows = tuple[Array, Array, Array]
+
+
+class SolveInfo(NamedTuple):
+    """Diagnostics of a linear solve `Λ x = b`.
+
+    Attributes:
+        iterations: iterations taken (0 for a direct solve).
+        residual: the relative residual `‖Λ x − b‖ / ‖b‖` (the largest over columns).
+        converged: whether `residual` reached the solver's tolerance.
+    """
+
+    iterations: Int[Array, ""]
+    residual: Float[Array, ""]
+    converged: Bool[Array, ""]
+
+
+def relative_residual(precision, x, b):
+    """`max_columns ‖Λ x − b‖ / ‖b‖`."""
+    r = precision.mv(x) - b
+    num = jnp.linalg.norm(r.reshape(r.shape[0], -1), axis=0)
+    den = jnp.maximum(jnp.linalg.norm(b.reshape(b.shape[0], -1), axis=0), jnp.finfo(b.dtype).tiny)
+    return jnp.max(num / den)
+
 
 class AbstractPrecision(eqx.Module):
-    """A symmetric positive-definite posterior precision `Λ` over `d` parameters."""
+    """A symmetric positive-definite posterior precision `Λ` over `d` parameters.
+
+    Every structure offers the same protocol: products `mv`, solves `solve` (with
+    diagnostics from `solve_info`), `logdet`, `sample`, marginal `variance`, the
+    up/downdate `edit_examples` (`add_examples` / `remove_examples`) that unlearning
+    needs, `rebuild` from all rows (the fallback when a downdate fails), `shift` (adding
+    `δI`, for damping and prior tuning), and `memory_estimate` (a class method, from shapes
+    alone, before anything is allocated).
+    """
+
+    #: The `structure=` name [`laplace`][unlearnx.laplace] builds this class for.
+    structure: ClassVar[str] = ""
 
     @property
     @abc.abstractmethod
@@ -54,22 +92,100 @@ class AbstractPrecision(eqx.Module):
     def to_dense(self) -> Float[Array, "d d"]:
         """`Λ` as a dense matrix."""
 
-    @abc.abstractmethod
     def factor_update(
         self,
         add: Float[Array, "m d"],
         remove: Float[Array, "m d"],
         method: UpdateMethod = "auto",
     ) -> tuple[AbstractPrecision, Bool[Array, ""]]:
-        """`Λ + addᵀ add − removeᵀ remove`, and whether it stayed positive definite."""
+        """`Λ + addᵀ add − removeᵀ remove`, and whether it stayed positive definite.
+        Only for structures that hold an explicit matrix; others update through
+        `edit_examples`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} is not updated by dense GGN factors; use edit_examples."
+        )
 
-    @abc.abstractmethod
     def dense_update(self, delta: Float[Array, "d d"]) -> tuple[AbstractPrecision, Bool[Array, ""]]:
-        """`Λ + Δ` for a symmetric `Δ`, and whether it stayed positive definite."""
+        """`Λ + Δ` for a symmetric `Δ`, and whether it stayed positive definite. Only for
+        structures that hold an explicit matrix."""
+        raise NotImplementedError(f"{type(self).__name__} cannot add a dense d × d matrix.")
 
     def memory_bytes(self) -> int:
         """Bytes held by this structure's arrays."""
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self) if hasattr(x, "nbytes"))
+
+    # ----------------------------------------------------------------------------------
+    # The protocol shared by every structure (defaults suit explicit matrices).
+
+    def solve_info(self, v: Float[Array, " d *m"]) -> tuple[Float[Array, " d *m"], SolveInfo]:
+        """`Λ⁻¹ v` with diagnostics. Direct solves report 0 iterations and the measured
+        relative residual; iterative structures override this."""
+        x = self.solve(v)
+        res = relative_residual(self, x, v)
+        tol = 1e3 * jnp.finfo(x.dtype).eps * jnp.sqrt(self.dim)
+        return x, SolveInfo(jnp.array(0), res, res <= jnp.maximum(tol, 1e-6))
+
+    def shift(self, delta: Float[Array, ""]) -> AbstractPrecision:
+        """`Λ + δ I` (damping, or a change of the prior precision)."""
+        new, _ = self.dense_update(delta * jnp.eye(self.dim, dtype=jnp.result_type(delta, float)))
+        return new
+
+    def edit_examples(
+        self, model, add: Rows | None, remove: Rows | None, curvature: Curvature = "ggn"
+    ) -> tuple[AbstractPrecision, Bool[Array, ""]]:
+        """`Λ + C(add) − C(remove)`: the curvature of the rows `add` joins the precision
+        and that of `remove` leaves it, evaluated at `model`'s parameters in this
+        structure's approximation. Returns `(precision, ok)`, `ok` False if the result is
+        not positive definite (the caller recovers, e.g. with `rebuild`).
+
+        The default suits structures that hold an explicit matrix: per-example GGN
+        factors through `factor_update`, or exact Hessians through `dense_update`.
+        """
+        from .._models._base import ravel
+
+        theta, unravel = ravel(model)
+        d = theta.shape[0]
+        if curvature == "hessian":
+            delta = jnp.zeros((d, d), theta.dtype)
+            if add is not None:
+                delta = delta + rows_hessian(theta, unravel, *add)
+            if remove is not None:
+                delta = delta - rows_hessian(theta, unravel, *remove)
+            return self.dense_update(delta)
+
+        def factors(rows):
+            if rows is None:
+                return jnp.zeros((1, d), theta.dtype)
+            return ggn_factors(theta, unravel, *rows).reshape(-1, d)
+
+        return self.factor_update(factors(add), factors(remove))
+
+    def add_examples(self, model, rows: Rows, curvature: Curvature = "ggn"):
+        """`Λ + C(rows)`; see `edit_examples`."""
+        return self.edit_examples(model, rows, None, curvature)
+
+    def remove_examples(self, model, rows: Rows, curvature: Curvature = "ggn"):
+        """`Λ − C(rows)`; see `edit_examples`."""
+        return self.edit_examples(model, None, rows, curvature)
+
+    def rebuild(self, model, data, prior_precision, curvature: Curvature = "ggn"):
+        """The same structure, with the same options, recomputed from all rows of `data`
+        at `model`: `(precision, ok)`."""
+        return type(self).from_data(model, data, prior_precision, curvature)
+
+    @classmethod
+    def from_data(
+        cls, model, data, prior_precision, curvature: Curvature = "ggn", **options: Any
+    ) -> tuple[AbstractPrecision, Bool[Array, ""]]:
+        """Build the precision `Σ_i w_i ∇²ℓ_i + λ I` of `data` at `model`:
+        `(precision, ok)`, `ok` False if it is not positive definite."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from data.")
+
+    @classmethod
+    def memory_estimate(cls, model, n_rows: int, **options: Any) -> int:
+        """Peak bytes that `from_data` will allocate for `model` and `n_rows` rows
+        (the structure itself plus the largest temporary), from shapes alone."""
+        raise NotImplementedError(f"{cls.__name__} has no memory estimate.")
 
 
 def _chol_rank_one(L, x, sign):
@@ -154,8 +270,24 @@ def _gram_if_nonzero(U: Float[Array, "m d"]) -> Float[Array, "d d"]:
 class DensePrecision(AbstractPrecision):
     """A dense precision matrix with its lower Cholesky factor `Λ = L Lᵀ`."""
 
+    structure: ClassVar[str] = "full"
     matrix: Float[Array, "d d"]
     chol: Float[Array, "d d"]
+
+    @classmethod
+    def from_data(cls, model, data, prior_precision, curvature="ggn", chunk=4096):
+        from .._models._base import ravel
+
+        theta, unravel = ravel(model)
+        C = data_curvature(theta, unravel, data, curvature, chunk=_chunk(model, chunk))
+        lam = jnp.asarray(prior_precision, theta.dtype)
+        return cls.from_matrix(C + lam * jnp.eye(theta.shape[0], dtype=theta.dtype))
+
+    @classmethod
+    def memory_estimate(cls, model, n_rows, chunk=4096):
+        d, c, item = _shape(model)
+        # The matrix, its factor and one temporary, plus a chunk's Jacobians.
+        return 3 * d * d * item + min(_chunk(model, chunk), n_rows) * c * d * item
 
     @staticmethod
     def from_matrix(matrix: Float[Array, "d d"]) -> tuple[DensePrecision, Bool[Array, ""]]:
@@ -217,7 +349,27 @@ class DensePrecision(AbstractPrecision):
 class DiagonalPrecision(AbstractPrecision):
     """A diagonal precision `Λ = diag(λ_1, …, λ_d)`."""
 
+    structure: ClassVar[str] = "diag"
     diag: Float[Array, " d"]
+
+    @classmethod
+    def from_data(cls, model, data, prior_precision, curvature="ggn", chunk=4096):
+        from .._models._base import ravel
+
+        theta, unravel = ravel(model)
+        C = data_curvature(
+            theta, unravel, data, curvature, diagonal=True, chunk=_chunk(model, chunk)
+        )
+        diag = C + jnp.asarray(prior_precision, theta.dtype)
+        return cls(diag), jnp.all(diag > 0)
+
+    @classmethod
+    def memory_estimate(cls, model, n_rows, chunk=4096):
+        d, c, item = _shape(model)
+        return 4 * d * item + min(_chunk(model, chunk), n_rows) * c * d * item
+
+    def shift(self, delta):
+        return DiagonalPrecision(self.diag + delta)
 
     @property
     def dim(self) -> int:
@@ -250,3 +402,22 @@ class DiagonalPrecision(AbstractPrecision):
     def dense_update(self, delta):
         diag = self.diag + jnp.diag(delta)
         return DiagonalPrecision(diag), jnp.all(diag > 0)
+
+
+def _shape(model) -> tuple[int, int, int]:
+    """`(d, c, itemsize)`: parameters, outputs per example and bytes per number."""
+    from .._models._base import ravel
+
+    theta, _ = ravel(model)
+    return theta.shape[0], int(model.n_outputs), theta.dtype.itemsize
+
+
+#: Per-example Jacobians of one chunk of rows may take at most this many bytes.
+JACOBIAN_BUDGET = 256 * 2**20
+
+
+def _chunk(model, chunk: int) -> int:
+    """Rows per chunk: at most `chunk`, and few enough that the chunk's per-example
+    Jacobians (`rows × c × d` numbers) fit in `JACOBIAN_BUDGET`."""
+    d, c, item = _shape(model)
+    return max(1, min(chunk, JACOBIAN_BUDGET // max(c * d * item, 1)))

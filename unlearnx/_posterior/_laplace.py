@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from .._curvature._factors import Curvature, data_curvature
+from .._curvature._factors import Curvature
 from .._curvature._precision import AbstractPrecision, DensePrecision, DiagonalPrecision
+from .._curvature._registry import available, structure_class
 from .._custom_types import Array, Float, PRNGKeyArray, Scalar
 from .._data._dataset import Dataset
 from .._fit import check_model_data
@@ -21,7 +22,7 @@ from .._models._base import AbstractModel, ravel
 from .._models._likelihood import Bernoulli, Categorical, Gaussian
 from .._objective import objective
 
-Structure = Literal["full", "diag"]
+Structure = Literal["full", "diag", "kfac", "ekfac", "lowrank", "last_layer", "matrix_free"]
 Predictive = Literal["probit", "linear_mc", "mc", "map"]
 
 _GIB = 2**30
@@ -143,14 +144,26 @@ class LaplacePosterior(eqx.Module):
         )
 
 
-def _estimate_bytes(structure: Structure, d: int, itemsize: int) -> int:
-    # full: the matrix, its factor and one temporary of the same size.
-    return 3 * d * d * itemsize if structure == "full" else 4 * d * itemsize
+def _fits(model, n_rows, budget, options, exclude):
+    """`(name, bytes)` of the structures (other than `exclude`) whose default build fits in
+    `budget` bytes, cheapest last."""
+    out = []
+    for name in available():
+        if name == exclude:
+            continue
+        try:
+            need = structure_class(name).memory_estimate(model, n_rows)
+        except (NotImplementedError, ValueError):
+            continue
+        if need <= budget:
+            out.append((name, need))
+    return out
 
 
-@eqx.filter_jit
-def _curvature_of(theta, unravel, data, kind, diagonal):
-    return data_curvature(theta, unravel, data, kind, diagonal=diagonal)
+def _build(cls, model, data, lam, curvature, options):
+    return eqx.filter_jit(
+        lambda m, d, l: cls.from_data(m, d, l, curvature, **options)  # noqa: E741
+    )(model, data, lam)
 
 
 def laplace(
@@ -161,6 +174,7 @@ def laplace(
     structure: Structure = "full",
     curvature: Curvature = "ggn",
     max_memory_gb: float = 4.0,
+    **options,
 ) -> LaplacePosterior:
     """The Laplace posterior `N(θ*, Λ⁻¹)` at a fitted model, `Λ = Σ w_i ∇²ℓ_i + λI`.
 
@@ -168,11 +182,18 @@ def laplace(
         model: the MAP model `θ*` (e.g. from [`fit`][unlearnx.fit]).
         data: the data it was fitted on.
         prior_precision: `λ`, the same value used for fitting.
-        structure: `"full"` (dense `d × d` precision with its Cholesky factor) or
-            `"diag"` (diagonal).
+        structure: how `Λ` is stored and approximated: `"full"` (dense `d × d` with its
+            Cholesky factor; GLMs and small networks), `"diag"` (diagonal), `"kfac"` and
+            `"ekfac"` (Kronecker-factored per layer, for models of `eqx.nn.Linear` and
+            `eqx.nn.Conv2d` layers), `"lowrank"` (Lanczos low rank plus diagonal),
+            `"last_layer"` (full curvature of the last layer, the rest frozen) or
+            `"matrix_free"` (never materialised: products by JVP/VJP, solves by CG).
         curvature: `"ggn"` (generalised Gauss-Newton, positive semi-definite; equal to the
-            Hessian for GLMs with canonical links) or `"hessian"` (exact).
-        max_memory_gb: refuse to build a structure whose estimated size exceeds this.
+            Hessian for GLMs with canonical links) or `"hessian"` (exact; `"full"`,
+            `"diag"` and `"matrix_free"` only).
+        max_memory_gb: refuse to build a structure whose estimated peak memory exceeds
+            this; the error lists the structures that would fit.
+        **options: passed to the structure's builder (e.g. `rank=` for `"lowrank"`).
 
     Raises:
         ValueError: on bad arguments, or when the structure would not fit in memory.
@@ -188,32 +209,30 @@ def laplace(
         ```
     """
     check_model_data(model, data, "laplace")
-    if structure not in ("full", "diag"):
-        raise ValueError(f"laplace: unknown `structure={structure!r}`; use 'full' or 'diag'.")
+    try:
+        cls = structure_class(structure)
+    except ValueError as e:
+        raise ValueError(f"laplace: {e}") from None
     if curvature not in ("ggn", "hessian"):
         raise ValueError(f"laplace: unknown `curvature={curvature!r}`; use 'ggn' or 'hessian'.")
     if not prior_precision > 0:
         raise ValueError(f"laplace: `prior_precision` must be positive; got {prior_precision}.")
-    theta, unravel = ravel(model)
+    theta, _ = ravel(model)
     d = theta.shape[0]
-    need = _estimate_bytes(structure, d, theta.dtype.itemsize)
-    if need > max_memory_gb * _GIB:
-        diag_mib = _estimate_bytes("diag", d, theta.dtype.itemsize) / 2**20
+    need = cls.memory_estimate(model, data.n, **options)
+    budget = max_memory_gb * _GIB
+    if need > budget:
+        fits = _fits(model, data.n, budget, options, structure)
+        hint = ", ".join(f"structure={name!r} (~{b / 2**20:,.1f} MiB)" for name, b in fits)
         raise ValueError(
-            f"laplace: structure={structure!r} for {d:,} parameters needs about "
-            f"{need / _GIB:.1f} GiB, over `max_memory_gb={max_memory_gb}`. Use "
-            f"structure='diag' ({diag_mib:.1f} MiB) "
-            f"or raise `max_memory_gb`."
+            f"laplace: structure={structure!r} for {d:,} parameters and {data.n:,} rows "
+            f"needs about {need / _GIB:,.2f} GiB, over `max_memory_gb={max_memory_gb}`. "
+            + (f"These would fit: {hint}; " if fits else "No structure fits; ")
+            + "or raise `max_memory_gb`."
         )
     lam = jnp.asarray(prior_precision, theta.dtype)
-    C = _curvature_of(theta, unravel, data, curvature, structure == "diag")
-    if structure == "diag":
-        precision = DiagonalPrecision(C + lam)
-        ok = bool(jnp.all(precision.diag > 0))
-    else:
-        precision, ok = DensePrecision.from_matrix(C + lam * jnp.eye(d, dtype=theta.dtype))
-        ok = bool(ok)
-    if not ok:
+    precision, ok = _build(cls, model, data, lam, curvature, options)
+    if not bool(ok):
         raise RuntimeError(
             "laplace: the posterior precision is not positive definite (the exact Hessian "
             "has negative curvature here). Use curvature='ggn' or a larger prior_precision."

@@ -15,7 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._curvature._factors import data_curvature, ggn_factors, rows_hessian
+from .._curvature._factors import ggn_factors, rows_hessian
 from .._curvature._precision import DensePrecision, DiagonalPrecision, UpdateMethod
 from .._custom_types import Array, Bool, Float
 from .._models._base import ravel
@@ -130,28 +130,27 @@ class SecondOrder(AbstractUnlearner):
         P = posterior.precision
         old = ctx.edit.old_rows(ctx.old)
         new = ctx.edit.new_rows()
-        if posterior.curvature == "hessian":
+        explicit = isinstance(P, (DensePrecision, DiagonalPrecision))
+        if explicit and posterior.curvature == "hessian":
             delta = rows_hessian(theta, unravel, *new) - rows_hessian(theta, unravel, *old)
             P2, ok = P.dense_update(delta)
-        else:
+        elif explicit:
             d = theta.shape[0]
             Uo = ggn_factors(theta, unravel, *old).reshape(-1, d)
             Un = ggn_factors(theta, unravel, *new).reshape(-1, d)
             P2, ok = P.factor_update(Un, Uo, self.method)
+        else:
+            P2, ok = P.edit_examples(posterior.mean, new, old, posterior.curvature)
 
         def refactor(_):
             # Fallback: the curvature of every retained row at the current mean.
-            diag = isinstance(P, DiagonalPrecision)
-            C = data_curvature(theta, unravel, ctx.new, posterior.curvature, diagonal=diag)
             lam = posterior.prior_precision
-            if diag:
-                return DiagonalPrecision(C + lam)
-            return DensePrecision.from_matrix(C + lam * jnp.eye(C.shape[0], dtype=C.dtype))[0]
+            return P.rebuild(posterior.mean, ctx.new, lam, posterior.curvature)[0]
 
         P2 = jax.lax.cond(ok, lambda _: P2, refactor, None)
         Pstep = P2
         if self.damping:
-            Pstep, _ = P2.dense_update(self.damping * jnp.eye(P2.dim, dtype=theta.dtype))
+            Pstep = P2.shift(jnp.asarray(self.damping, theta.dtype))
         G = gradient_change(ctx, posterior)
         step = Pstep.solve(G)
         mean = unravel(theta - step)

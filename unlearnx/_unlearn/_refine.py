@@ -119,7 +119,7 @@ def retrain(
     *,
     warm: bool = True,
     solver: Literal["auto", "newton", "lbfgs", "adam"] = "auto",
-    structure: Literal["full", "diag"] | None = None,
+    structure: str | None = None,
     **fit_kwargs,
 ) -> LaplacePosterior:
     """Exact retraining on the edited data: the baseline every approximation is measured
@@ -145,12 +145,19 @@ def _refit(
     start = posterior.mean if warm else _cold_start(posterior.mean)
     lam = float(posterior.prior_precision)
     model, info = fit(start, data, prior_precision=lam, solver=solver, **fit_kwargs)
-    if structure is None:
-        structure = "full" if posterior.precision.__class__.__name__ == "DensePrecision" else "diag"
-    post = laplace(
-        model, data, prior_precision=lam, structure=structure, curvature=posterior.curvature
+    if structure is not None:
+        post = laplace(
+            model, data, prior_precision=lam, structure=structure, curvature=posterior.curvature
+        )
+        return post, info
+    # The same structure with the same options (rank, damping, ...), rebuilt at the new mean.
+    rebuild = eqx.filter_jit(
+        lambda P, m, d, l: P.rebuild(m, d, l, posterior.curvature)  # noqa: E741
     )
-    return post, info
+    P, ok = rebuild(posterior.precision, model, data, posterior.prior_precision)
+    if not bool(ok):
+        raise RuntimeError("retrain: the rebuilt precision is not positive definite.")
+    return LaplacePosterior(model, P, posterior.prior_precision, posterior.curvature), info
 
 
 class ExactRetrain(AbstractUnlearner):
