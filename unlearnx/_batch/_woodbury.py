@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from .._curvature._precision import AbstractPrecision, DensePrecision
+from .._curvature._precision import AbstractPrecision, DensePrecision, direct_solve_info
 from .._custom_types import Array, Bool, Float
 
 # Capacitance matrices up to this size are factorised and solved with unrolled jnp code
@@ -215,6 +215,28 @@ class LowRankUpdate(AbstractPrecision):
 
     def dense_update(self, delta):
         return DensePrecision.from_matrix(self.to_dense() + delta)
+
+    # The rest of the protocol goes through the dense matrix: a batch result that is
+    # edited again, shifted or rebuilt becomes a `DensePrecision`.
+    def solve_info(self, v):
+        return direct_solve_info(self, v)
+
+    def shift(self, delta):
+        return self._dense().shift(delta)
+
+    def edit_examples(self, model, add, remove, curvature="ggn"):
+        return self._dense().edit_examples(model, add, remove, curvature)
+
+    def rebuild(self, model, data, prior_precision, curvature="ggn"):
+        return DensePrecision.from_data(model, data, prior_precision, curvature)
+
+    @classmethod
+    def from_data(cls, model, data, prior_precision, curvature="ggn"):
+        return DensePrecision.from_data(model, data, prior_precision, curvature)
+
+    @classmethod
+    def memory_estimate(cls, model, n_rows):
+        return DensePrecision.memory_estimate(model, n_rows)
 
 
 def woodbury_solve(

@@ -92,73 +92,30 @@ class AbstractPrecision(eqx.Module):
     def to_dense(self) -> Float[Array, "d d"]:
         """`Λ` as a dense matrix."""
 
-    def factor_update(
-        self,
-        add: Float[Array, "m d"],
-        remove: Float[Array, "m d"],
-        method: UpdateMethod = "auto",
-    ) -> tuple[AbstractPrecision, Bool[Array, ""]]:
-        """`Λ + addᵀ add − removeᵀ remove`, and whether it stayed positive definite.
-        Only for structures that hold an explicit matrix; others update through
-        `edit_examples`."""
-        raise NotImplementedError(
-            f"{type(self).__name__} is not updated by dense GGN factors; use edit_examples."
-        )
-
-    def dense_update(self, delta: Float[Array, "d d"]) -> tuple[AbstractPrecision, Bool[Array, ""]]:
-        """`Λ + Δ` for a symmetric `Δ`, and whether it stayed positive definite. Only for
-        structures that hold an explicit matrix."""
-        raise NotImplementedError(f"{type(self).__name__} cannot add a dense d × d matrix.")
-
     def memory_bytes(self) -> int:
         """Bytes held by this structure's arrays."""
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self) if hasattr(x, "nbytes"))
 
     # ----------------------------------------------------------------------------------
-    # The protocol shared by every structure (defaults suit explicit matrices).
+    # The protocol that unlearning needs.
 
+    @abc.abstractmethod
     def solve_info(self, v: Float[Array, " d *m"]) -> tuple[Float[Array, " d *m"], SolveInfo]:
-        """`Λ⁻¹ v` with diagnostics. Direct solves report 0 iterations and the measured
-        relative residual; iterative structures override this."""
-        x = self.solve(v)
-        res = relative_residual(self, x, v)
-        tol = 1e3 * jnp.finfo(x.dtype).eps * jnp.sqrt(self.dim)
-        return x, SolveInfo(jnp.array(0), res, res <= jnp.maximum(tol, 1e-6))
+        """`Λ⁻¹ v` with diagnostics (iterations, relative residual, convergence)."""
 
+    @abc.abstractmethod
     def shift(self, delta: Float[Array, ""]) -> AbstractPrecision:
         """`Λ + δ I` (damping, or a change of the prior precision)."""
-        new, _ = self.dense_update(delta * jnp.eye(self.dim, dtype=jnp.result_type(delta, float)))
-        return new
 
+    @abc.abstractmethod
     def edit_examples(
         self, model, add: Rows | None, remove: Rows | None, curvature: Curvature = "ggn"
     ) -> tuple[AbstractPrecision, Bool[Array, ""]]:
         """`Λ + C(add) − C(remove)`: the curvature of the rows `add` joins the precision
         and that of `remove` leaves it, evaluated at `model`'s parameters in this
         structure's approximation. Returns `(precision, ok)`, `ok` False if the result is
-        not positive definite (the caller recovers, e.g. with `rebuild`).
-
-        The default suits structures that hold an explicit matrix: per-example GGN
-        factors through `factor_update`, or exact Hessians through `dense_update`.
-        """
-        from .._models._base import ravel
-
-        theta, unravel = ravel(model)
-        d = theta.shape[0]
-        if curvature == "hessian":
-            delta = jnp.zeros((d, d), theta.dtype)
-            if add is not None:
-                delta = delta + rows_hessian(theta, unravel, *add)
-            if remove is not None:
-                delta = delta - rows_hessian(theta, unravel, *remove)
-            return self.dense_update(delta)
-
-        def factors(rows):
-            if rows is None:
-                return jnp.zeros((1, d), theta.dtype)
-            return ggn_factors(theta, unravel, *rows).reshape(-1, d)
-
-        return self.factor_update(factors(add), factors(remove))
+        not positive definite (the caller recovers, e.g. with `rebuild`). Jit-friendly:
+        rows have static shapes, weight-0 rows are padding."""
 
     def add_examples(self, model, rows: Rows, curvature: Curvature = "ggn"):
         """`Λ + C(rows)`; see `edit_examples`."""
@@ -168,24 +125,62 @@ class AbstractPrecision(eqx.Module):
         """`Λ − C(rows)`; see `edit_examples`."""
         return self.edit_examples(model, None, rows, curvature)
 
-    def rebuild(self, model, data, prior_precision, curvature: Curvature = "ggn"):
+    @abc.abstractmethod
+    def rebuild(
+        self, model, data, prior_precision, curvature: Curvature = "ggn"
+    ) -> tuple[AbstractPrecision, Bool[Array, ""]]:
         """The same structure, with the same options, recomputed from all rows of `data`
         at `model`: `(precision, ok)`."""
-        return type(self).from_data(model, data, prior_precision, curvature)
 
     @classmethod
+    @abc.abstractmethod
     def from_data(
         cls, model, data, prior_precision, curvature: Curvature = "ggn", **options: Any
     ) -> tuple[AbstractPrecision, Bool[Array, ""]]:
         """Build the precision `Σ_i w_i ∇²ℓ_i + λ I` of `data` at `model`:
         `(precision, ok)`, `ok` False if it is not positive definite."""
-        raise NotImplementedError(f"{cls.__name__} cannot be built from data.")
 
     @classmethod
+    @abc.abstractmethod
     def memory_estimate(cls, model, n_rows: int, **options: Any) -> int:
         """Peak bytes that `from_data` will allocate for `model` and `n_rows` rows
-        (the structure itself plus the largest temporary), from shapes alone."""
-        raise NotImplementedError(f"{cls.__name__} has no memory estimate.")
+        (the structure itself plus the largest temporary), from shapes alone, before
+        anything is allocated."""
+
+
+# --------------------------------------------------------------------------------------
+# Shared by the structures that hold an explicit matrix (dense, diagonal).
+
+
+def direct_solve_info(precision, v):
+    """`Λ⁻¹ v` by a direct solve, with 0 iterations and the measured relative residual."""
+    x = precision.solve(v)
+    res = relative_residual(precision, x, v)
+    tol = jnp.maximum(1e3 * jnp.finfo(x.dtype).eps * jnp.sqrt(precision.dim), 1e-6)
+    return x, SolveInfo(jnp.array(0), res, res <= tol)
+
+
+def explicit_edit_examples(precision, model, add, remove, curvature):
+    """`edit_examples` for explicit matrices: per-example GGN factors through
+    `factor_update`, or exact Hessians through `dense_update`."""
+    from .._models._base import ravel
+
+    theta, unravel = ravel(model)
+    d = theta.shape[0]
+    if curvature == "hessian":
+        delta = jnp.zeros((d, d), theta.dtype)
+        if add is not None:
+            delta = delta + rows_hessian(theta, unravel, *add)
+        if remove is not None:
+            delta = delta - rows_hessian(theta, unravel, *remove)
+        return precision.dense_update(delta)
+
+    def factors(rows):
+        if rows is None:
+            return jnp.zeros((1, d), theta.dtype)
+        return ggn_factors(theta, unravel, *rows).reshape(-1, d)
+
+    return precision.factor_update(factors(add), factors(remove))
 
 
 def _chol_rank_one(L, x, sign):
@@ -345,6 +340,18 @@ class DensePrecision(AbstractPrecision):
     def dense_update(self, delta):
         return DensePrecision.from_matrix(self.matrix + delta)
 
+    def solve_info(self, v):
+        return direct_solve_info(self, v)
+
+    def shift(self, delta):
+        return self.dense_update(delta * jnp.eye(self.dim, dtype=self.matrix.dtype))[0]
+
+    def edit_examples(self, model, add, remove, curvature="ggn"):
+        return explicit_edit_examples(self, model, add, remove, curvature)
+
+    def rebuild(self, model, data, prior_precision, curvature="ggn"):
+        return DensePrecision.from_data(model, data, prior_precision, curvature)
+
 
 class DiagonalPrecision(AbstractPrecision):
     """A diagonal precision `Λ = diag(λ_1, …, λ_d)`."""
@@ -402,6 +409,15 @@ class DiagonalPrecision(AbstractPrecision):
     def dense_update(self, delta):
         diag = self.diag + jnp.diag(delta)
         return DiagonalPrecision(diag), jnp.all(diag > 0)
+
+    def solve_info(self, v):
+        return direct_solve_info(self, v)
+
+    def edit_examples(self, model, add, remove, curvature="ggn"):
+        return explicit_edit_examples(self, model, add, remove, curvature)
+
+    def rebuild(self, model, data, prior_precision, curvature="ggn"):
+        return DiagonalPrecision.from_data(model, data, prior_precision, curvature)
 
 
 def _shape(model) -> tuple[int, int, int]:
