@@ -154,6 +154,17 @@ def test_independence_refined_is_penalised_retraining(groups, kind, strength):
     assert _rel(plain.theta, ux.retrain(post, data, request).theta) <= 1e-8
 
 
+def test_penalised_retrain_lbfgs_agrees_with_newton(groups):
+    # Two different optimisers of the same objective, from zeros: the same minimiser.
+    data, post = groups
+    request = ux.forget_features("group")
+    newton = ux.retrain_independent(post, data, request, "group", 3.0, warm=False)
+    lbfgs = ux.retrain_independent(post, data, request, "group", 3.0, warm=False, solver="lbfgs")
+    assert _rel(lbfgs.theta, newton.theta) <= 1e-6
+    with pytest.raises(ValueError, match="solver"):
+        ux.retrain_independent(post, data, request, "group", 3.0, solver="adam")
+
+
 def test_independence_jit_no_retrace_over_strengths(groups, caplog):
     data, post = groups
 
