@@ -38,6 +38,7 @@ from ._unlearn._base import (
     chain as chain,
     identity as identity,
 )
+from ._unlearn._finetune import FineTuneInfo as FineTuneInfo, fine_tune as fine_tune
 from ._unlearn._independence import (
     IndependenceInfo as IndependenceInfo,
     independence as independence,

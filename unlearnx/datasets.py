@@ -2,7 +2,8 @@
 
 Real tabular datasets ship with the package (gzip-compressed, with their provenance and
 licences), so the loaders work offline: `adult` (UCI Adult, CC BY 4.0), `diabetes` (Pima
-Indians Diabetes, CC0) and `german` (Statlog German Credit, CC BY 4.0). Each returns a
+Indians Diabetes, CC0), `german` (Statlog German Credit, CC BY 4.0) and `digits` (UCI
+optical handwritten digits, 10 classes, CC BY 4.0). Each returns a
 `DatasetSplit(train, test, name, description)`.
 
 The synthetic generators have known ground truth: `synthetic_glm` samples from a
@@ -20,7 +21,12 @@ Example:
 """
 
 from ._data._dataset import Dataset as Dataset, DatasetSplit as DatasetSplit
-from ._data._loaders import adult as adult, diabetes as diabetes, german as german
+from ._data._loaders import (
+    adult as adult,
+    diabetes as diabetes,
+    digits as digits,
+    german as german,
+)
 from ._data._synthetic import glm as synthetic_glm, groups as synthetic_groups
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "DatasetSplit",
     "adult",
     "diabetes",
+    "digits",
     "german",
     "synthetic_glm",
     "synthetic_groups",

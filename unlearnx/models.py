@@ -6,6 +6,7 @@ module; the prior is `N(0, λ⁻¹ I)` on all of them, intercepts included.
 """
 
 from ._models._base import AbstractModel as AbstractModel, n_params as n_params, ravel as ravel
+from ._models._cnn import CNNClassifier as CNNClassifier
 from ._models._glm import (
     LinearRegression as LinearRegression,
     LogisticRegression as LogisticRegression,

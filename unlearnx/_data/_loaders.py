@@ -1,4 +1,5 @@
-"""Loaders for the vendored real datasets: UCI Adult, Pima Indians Diabetes, German Credit.
+"""Loaders for the vendored real datasets: UCI Adult, Pima Indians Diabetes, German Credit
+and the UCI optical handwritten digits.
 
 The raw files ship gzip-compressed inside the package (`unlearnx/_data/files/`, with their
 provenance and licences in the README there) and are read with `importlib.resources`, so
@@ -106,6 +107,32 @@ def _split_indices(n: int, test_fraction: float, seed: int, where: str):
     return perm[n_test:], perm[:n_test]
 
 
+def _stratified_split_indices(labels: np.ndarray, test_fraction: float, seed: int, where: str):
+    """A deterministic stratified (train, test) partition of `range(len(labels))`.
+
+    Each class contributes `round(test_fraction * n_class)` of its rows, chosen by a
+    permutation from `np.random.default_rng(seed)`; both parts are returned sorted.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(
+            f"{where}: `test_fraction` must lie strictly between 0 and 1; got {test_fraction}."
+        )
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        n_test = int(round(test_fraction * rows.size))
+        if not 0 < n_test < rows.size:
+            raise ValueError(
+                f"{where}: `test_fraction={test_fraction}` leaves class {c} ({rows.size} rows) "
+                f"without train or test rows; choose a value nearer 0.5."
+            )
+        rows = rng.permutation(rows)
+        test.append(rows[:n_test])
+        train.append(rows[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
 def _encode(train: np.ndarray, test: np.ndarray, columns: Sequence[tuple[str, str]]):
     """Standardise numeric columns and one-hot encode categorical ones.
 
@@ -146,7 +173,7 @@ def _codes(values: np.ndarray, cats: Sequence[str]) -> np.ndarray:
     return np.array([index.get(v, -1) for v in values.tolist()], dtype=np.int32)
 
 
-def _dataset(X, y, attributes, names, groups, levels, dtype) -> Dataset:
+def _dataset(X, y, attributes, names, groups, levels, dtype, n_classes=2) -> Dataset:
     return Dataset(
         X=jnp.asarray(X, dtype=dtype),
         y=jnp.asarray(y, dtype=jnp.int32),
@@ -155,7 +182,7 @@ def _dataset(X, y, attributes, names, groups, levels, dtype) -> Dataset:
         feature_names=names,
         groups=groups,
         levels=levels,
-        n_classes=2,
+        n_classes=n_classes,
     )
 
 
@@ -322,3 +349,56 @@ def german(*, test_fraction: float = 0.2, seed: int = 0, dtype=None) -> DatasetS
         "0 for bad; attribute sex from A9 (A92/A95 female)."
     )
     return DatasetSplit(splits[0], splits[1], "german", description)
+
+
+def digits(*, test_fraction: float = 0.2, seed: int = 0, dtype=None) -> DatasetSplit:
+    """The UCI optical handwritten digits (8×8 images, 10 classes), split by class.
+
+    The 1,797 images of the UCI "Optical Recognition of Handwritten Digits" test set, as
+    bundled with scikit-learn (`sklearn.datasets.load_digits`). Each image is 8×8 pixels
+    of integer ink counts `0..16`, flattened row by row into 64 features named
+    `"pixel_<row>_<col>"` and scaled to `[0, 1]` by dividing by 16. The split is
+    stratified: each digit contributes `round(test_fraction * n_digit)` test rows, chosen
+    by a permutation from `np.random.default_rng(seed)`; rows keep their file order.
+
+    Args:
+        test_fraction: fraction of each digit's rows held out for testing, in `(0, 1)`.
+        seed: seed of the split.
+        dtype: floating dtype of `X` and `weights`; `None` means JAX's default float
+            dtype.
+
+    Returns:
+        A `DatasetSplit` (1,438 train and 359 test rows at the defaults), with
+        `n_classes=10` and `y` the digit. Attribute `"digit"`: the label again as an
+        integer code (levels `"0"` ... `"9"`), so that scenarios can address a digit as
+        a group.
+
+    Example:
+        ```python
+        import unlearnx as ux
+        data = ux.datasets.digits()
+        print(data.train.X.shape, data.test.n, data.train.n_classes)  # (1438, 64) 359 10
+        ```
+    """
+    dtype = _float_dtype(dtype, "digits")
+    values = np.loadtxt(io.StringIO(_read("digits.csv")), delimiter=",", dtype=np.int64)
+    if values.shape != (1797, 65):
+        raise RuntimeError(f"digits: corrupt vendored file; unexpected raw shape {values.shape}.")
+    pixels, labels = values[:, :-1], values[:, -1].astype(np.int32)
+    train_idx, test_idx = _stratified_split_indices(labels, test_fraction, seed, "digits")
+    names = tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))
+    groups = tuple((name, (j,)) for j, name in enumerate(names))
+    levels = (("digit", tuple(str(d) for d in range(10))),)
+    splits = []
+    for idx in (train_idx, test_idx):
+        X = pixels[idx].astype(np.float64) / 16.0
+        attributes = {"digit": labels[idx]}
+        splits.append(_dataset(X, labels[idx], attributes, names, groups, levels, dtype, 10))
+    description = (
+        "UCI Optical Recognition of Handwritten Digits, test set (Alpaydin & Kaynak 1998, "
+        "UCI Machine Learning Repository, https://doi.org/10.24432/C50P49), as bundled "
+        "with scikit-learn. Licence: CC BY 4.0. 1,797 8x8 images, 64 pixel counts 0..16 "
+        "scaled to [0, 1] by /16; stratified "
+        f"{1 - test_fraction:.0%}/{test_fraction:.0%} split (seed {seed}). y = digit 0-9."
+    )
+    return DatasetSplit(splits[0], splits[1], "digits", description)
