@@ -9,11 +9,17 @@ from . import (
     scenarios as scenarios,
 )
 from ._checkpoint import load as load, save as save
+from ._curvature._kfac import EKFACPrecision as EKFACPrecision, KFACPrecision as KFACPrecision
+from ._curvature._lastlayer import LastLayerPrecision as LastLayerPrecision
+from ._curvature._lowrank import LowRankPrecision as LowRankPrecision
+from ._curvature._matfree import MatrixFreePrecision as MatrixFreePrecision
 from ._curvature._precision import (
     AbstractPrecision as AbstractPrecision,
     DensePrecision as DensePrecision,
     DiagonalPrecision as DiagonalPrecision,
+    SolveInfo as SolveInfo,
 )
+from ._curvature._solvers import cg as cg, default_damping as default_damping, lissa as lissa
 from ._data._dataset import Dataset as Dataset, DatasetSplit as DatasetSplit
 from ._fit import FitInfo as FitInfo, fit as fit
 from ._objective import objective as objective

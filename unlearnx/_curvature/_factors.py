@@ -53,11 +53,14 @@ def rows_curvature(theta, unravel, X, y, w, kind: Curvature) -> Float[Array, "d 
 
 
 def rows_diagonal(theta, unravel, X, y, w, kind: Curvature) -> Float[Array, " d"]:
-    """Diagonal of the curvature of the given rows."""
+    """Diagonal of the curvature of the given rows. The GGN's comes from one VJP per
+    output and row (`rows × d` temporaries, never the `rows × c × d` Jacobians; see
+    `_diagonal.py` for the measurements)."""
+    from ._diagonal import rows_ggn_diagonal
+
     if kind == "hessian":
         return jnp.diag(rows_hessian(theta, unravel, X, y, w))
-    U = ggn_factors(theta, unravel, X, y, w)
-    return jnp.sum(U**2, axis=(0, 1))
+    return rows_ggn_diagonal(theta, unravel, X, w)
 
 
 def _chunked(X, y, w, chunk):

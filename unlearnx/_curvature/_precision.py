@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from .._custom_types import Array, Bool, Float, Int, PRNGKeyArray, Scalar
-from ._factors import Curvature, data_curvature, ggn_factors, rows_hessian
+from ._factors import Curvature, data_curvature, data_ggn_vp, ggn_factors, rows_hessian
 
 UpdateMethod = Literal["auto", "rank_update", "refactor"]
 
@@ -362,20 +362,88 @@ class DiagonalPrecision(AbstractPrecision):
     diag: Float[Array, " d"]
 
     @classmethod
-    def from_data(cls, model, data, prior_precision, curvature="ggn", chunk=4096):
-        from .._models._base import ravel
+    def from_data(
+        cls,
+        model,
+        data,
+        prior_precision,
+        curvature="ggn",
+        chunk=4096,
+        *,
+        method: str = "exact",
+        n_probes: int = 64,
+        key: PRNGKeyArray | None = None,
+    ):
+        """`diag(Σ_i w_i ∇²ℓ_i) + λ` of `data` at `model`: `(precision, ok)`.
 
+        Args:
+            model: the model at the posterior mean.
+            data: the rows (weight-0 rows contribute nothing).
+            prior_precision: `λ`.
+            curvature: `"ggn"` or `"hessian"`.
+            chunk: at most this many rows at a time.
+            method: `"exact"` (the default; for the GGN one VJP per output and example,
+                in chunks whose per-example gradients fit in 8 MiB, see `ggn_diagonal`;
+                for the Hessian, the diagonal of each chunk's dense Hessian) or
+                `"hutchinson"` (Hutchinson's estimate from `n_probes` Rademacher probes
+                on matrix-free products, see `hutchinson_diagonal`; a GGN estimate is
+                clipped at 0, as the GGN diagonal cannot be negative).
+            n_probes: probes for `method="hutchinson"`.
+            key: PRNG key for the probes (default `jax.random.key(0)`).
+        """
+        from .._models._base import ravel
+        from ._diagonal import exact_ggn_diagonal, hutchinson
+
+        if method not in ("exact", "hutchinson"):
+            raise ValueError(
+                f"DiagonalPrecision.from_data: unknown `method={method!r}`; use 'exact' or "
+                "'hutchinson' (e.g. laplace(..., structure='diag', method='hutchinson'))."
+            )
+        if not (isinstance(n_probes, int) and n_probes >= 1):
+            raise ValueError(
+                f"DiagonalPrecision.from_data: `n_probes` must be a positive int; got {n_probes!r}."
+            )
         theta, unravel = ravel(model)
-        C = data_curvature(
-            theta, unravel, data, curvature, diagonal=True, chunk=_chunk(model, chunk)
-        )
+        if method == "hutchinson":
+            key = jax.random.key(0) if key is None else key
+
+            def matvec(v):
+                return data_ggn_vp(theta, unravel, data, v, curvature, chunk=chunk)
+
+            C = hutchinson(key, matvec, theta.shape[0], n_probes, theta.dtype)
+            if curvature == "ggn":
+                C = jnp.maximum(C, 0.0)
+        elif curvature == "ggn":
+            C = exact_ggn_diagonal(theta, unravel, data, chunk=chunk)
+        else:
+            C = data_curvature(
+                theta, unravel, data, curvature, diagonal=True, chunk=_chunk(model, chunk)
+            )
         diag = C + jnp.asarray(prior_precision, theta.dtype)
         return cls(diag), jnp.all(diag > 0)
 
     @classmethod
-    def memory_estimate(cls, model, n_rows, chunk=4096):
-        d, c, item = _shape(model)
-        return 4 * d * item + min(_chunk(model, chunk), n_rows) * c * d * item
+    def memory_estimate(cls, model, n_rows, chunk=4096, *, method="exact", n_probes=64, key=None):
+        from ._diagonal import (
+            diagonal_chunk,
+            diagonal_row_bytes,
+            padded_rows_bytes,
+            products_bytes,
+        )
+
+        del n_probes, key
+        d, _, item = _shape(model)
+        if method == "hutchinson":
+            # A few vectors and one chunk of the matrix-free products.
+            rows = min(chunk, n_rows)
+            return (
+                8 * d * item + products_bytes(model, rows) + padded_rows_bytes(model, n_rows, rows)
+            )
+        # One chunk's per-example gradients and forward passes (and the rows padded to
+        # whole chunks).
+        rows = min(diagonal_chunk(d, item, chunk), n_rows)
+        per_row = diagonal_row_bytes(model)
+        return 4 * d * item + rows * per_row + padded_rows_bytes(model, n_rows, rows)
 
     def shift(self, delta):
         return DiagonalPrecision(self.diag + delta)

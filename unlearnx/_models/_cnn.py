@@ -44,7 +44,7 @@ class CNNClassifier(AbstractModel):
         ```python
         import jax, unlearnx as ux
         model = ux.models.CNNClassifier((1, 8, 8), 10, key=jax.random.key(0))
-        logits = model(jax.numpy.zeros(64))  # shape (10,)
+        print(ux.models.n_params(model))  # 13706
         ```
     """
 

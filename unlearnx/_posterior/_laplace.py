@@ -134,14 +134,27 @@ class LaplacePosterior(eqx.Module):
     def log_marginal_likelihood(self, data: Dataset) -> Scalar:
         """Laplace approximation of `log p(D) ≈ −L(θ*; D) + (d/2) log λ − ½ log det Λ`,
         with `L` the sum-form objective (negative log joint up to the Gaussian's 2π
-        terms, which cancel)."""
+        terms, which cancel). For a last-layer posterior the frozen parameters are
+        hyperparameters: `d`, `‖θ‖²` and `log det Λ` are those of the last layer."""
         theta = self.theta
-        d = theta.shape[0]
+        d, sq = _active_size_and_norm(self.precision, theta)
+        lam = self.prior_precision
         return (
-            -objective(self.mean, data, self.prior_precision)
-            + 0.5 * d * jnp.log(self.prior_precision)
+            -objective(self.mean, data, 0.0)
+            - 0.5 * lam * sq
+            + 0.5 * d * jnp.log(lam)
             - 0.5 * self.precision.logdet()
         )
+
+
+def _active_size_and_norm(precision, theta):
+    """`(d, ‖θ‖²)` over the parameters the posterior is over (all, or the last layer)."""
+    from .._curvature._lastlayer import LastLayerPrecision
+
+    if isinstance(precision, LastLayerPrecision):
+        active = theta[precision.layer.index().ravel()]
+        return precision.n_active, jnp.sum(active**2)
+    return theta.shape[0], jnp.sum(theta**2)
 
 
 def _fits(model, n_rows, budget, options, exclude):
@@ -232,6 +245,9 @@ def laplace(
         )
     lam = jnp.asarray(prior_precision, theta.dtype)
     precision, ok = _build(cls, model, data, lam, curvature, options)
+    if structure == "matrix_free":
+        # `jit` returns new buffers: hold the caller's data, not a copy of it.
+        precision = eqx.tree_at(lambda P: P.data, precision, data)
     if not bool(ok):
         raise RuntimeError(
             "laplace: the posterior precision is not positive definite (the exact Hessian "
@@ -249,8 +265,10 @@ def tune_prior_precision(
     """Choose `λ` by maximising the Laplace marginal likelihood, post hoc.
 
     As in laplace-torch, the mean `θ*` and the data curvature `Λ − λI` stay fixed and only
-    `λ` moves: `log det(Λ − λI + λ'I)` is evaluated from one eigendecomposition (dense) or
-    directly (diagonal), and the one-dimensional problem in `log λ'` is solved with
+    `λ` moves: `log det(Λ − λI + λ'I)` is evaluated from one eigendecomposition (dense),
+    directly (diagonal), or by the structure's own `logdet` of `Λ.shift(λ' − λ)` (exact
+    for Kronecker-factored and low-rank forms, a stochastic Lanczos estimate for the
+    matrix-free one), and the one-dimensional problem in `log λ'` is solved with
     `scipy.optimize.minimize_scalar` (bounded). Refit the MAP with the new `λ` afterwards
     if the mean should follow.
 
@@ -270,28 +288,35 @@ def tune_prior_precision(
     if not 0 < lo < hi:
         raise ValueError(f"tune_prior_precision: `bounds` must satisfy 0 < lo < hi; got {bounds}.")
     theta = posterior.theta
-    d = theta.shape[0]
     lam0 = posterior.prior_precision
     data_loss = float(objective(posterior.mean, data, 0.0))
-    sq = float(jnp.sum(theta**2))
+    d, sq = _active_size_and_norm(posterior.precision, theta)
+    sq = float(sq)
     P = posterior.precision
-    if isinstance(P, DensePrecision):
-        eig = np.linalg.eigvalsh(np.asarray(P.matrix)) - float(lam0)
+    bounds = (math.log(lo), math.log(hi))
+    if isinstance(P, (DensePrecision, DiagonalPrecision)):
+        # One eigendecomposition (or the diagonal) gives every log det(C + λ'I) exactly.
+        if isinstance(P, DensePrecision):
+            eig = np.linalg.eigvalsh(np.asarray(P.matrix)) - float(lam0)
+        else:
+            eig = np.asarray(P.diag) - float(lam0)
+        eig = np.maximum(eig, 0.0)
+
+        def logdet(lam):
+            return float(np.sum(np.log(eig + lam)))
     else:
-        eig = np.asarray(P.diag) - float(lam0)
-    eig = np.maximum(eig, 0.0)
+        # Other structures: their own `logdet` of the shifted precision (Kronecker and
+        # low-rank forms exactly, matrix-free by stochastic Lanczos quadrature).
+        shifted = eqx.filter_jit(lambda P, delta: P.shift(delta).logdet())
+
+        def logdet(lam):
+            return float(shifted(P, jnp.asarray(lam - float(lam0), theta.dtype)))
 
     def neg_lml(log_lam):
         lam = math.exp(log_lam)
-        return data_loss + 0.5 * lam * sq - 0.5 * d * log_lam + 0.5 * np.sum(np.log(eig + lam))
+        return data_loss + 0.5 * lam * sq - 0.5 * d * log_lam + 0.5 * logdet(lam)
 
-    res = scipy.optimize.minimize_scalar(
-        neg_lml, bounds=(math.log(lo), math.log(hi)), method="bounded"
-    )
+    res = scipy.optimize.minimize_scalar(neg_lml, bounds=bounds, method="bounded")
     lam = jnp.asarray(math.exp(res.x), theta.dtype)
-    shift = lam - lam0
-    if isinstance(P, DensePrecision):
-        new, _ = P.dense_update(shift * jnp.eye(d, dtype=theta.dtype))
-    else:
-        new = DiagonalPrecision(P.diag + shift)
+    new = P.shift(lam - lam0)
     return LaplacePosterior(posterior.mean, new, lam, posterior.curvature)
