@@ -173,10 +173,10 @@ def _fits(model, n_rows, budget, options, exclude):
     return out
 
 
+@eqx.filter_jit
 def _build(cls, model, data, lam, curvature, options):
-    return eqx.filter_jit(
-        lambda m, d, l: cls.from_data(m, d, l, curvature, **options)  # noqa: E741
-    )(model, data, lam)
+    # One compiled build per structure, model and data shapes: later calls reuse it.
+    return cls.from_data(model, data, lam, curvature, **options)
 
 
 def laplace(
