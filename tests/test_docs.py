@@ -1,7 +1,8 @@
 """The documentation builds (strictly), and every code example in it runs.
 
 - `mkdocs build --strict` with the mkdocs installed beside this Python;
-- every ```python block of `docs/getting-started.md`, in order, in one namespace;
+- every ```python block of `docs/getting-started.md` (in order, in one namespace) and of
+  `docs/networks.md`;
 - the ```python blocks of the `Example:` sections of the public API's docstrings;
 - every public name of `unlearnx` and of its public namespaces (`ux.datasets`, ...) has
   a `::: unlearnx....` entry on an API page.
@@ -116,6 +117,14 @@ def test_getting_started_runs():
     namespace: dict = {"__name__": "getting_started"}
     for i, block in enumerate(blocks):
         exec(compile(block, f"getting-started.md block {i + 1}", "exec"), namespace)
+
+
+def test_networks_page_runs():
+    blocks = _python_blocks((DOCS / "networks.md").read_text())
+    assert blocks
+    namespace: dict = {"__name__": "networks"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"networks.md block {i + 1}", "exec"), namespace)
 
 
 def test_docstring_examples_found():
