@@ -10,11 +10,21 @@ kernel's high-water mark (`/proc/self/clear_refs`), runs the compiled build, and
 JSON with the estimate (`memory_estimate`), the measured peak above the resident size
 before the run (`VmHWM − VmRSS`), XLA's own accounting of the compiled program (its
 temporaries plus outputs) and the bytes the result holds.
+
+With `"then": "solve"` the measured run is the build followed by one solve with the
+result, `P.solve(b)` for a random `d`-vector `b`, compiled on its own as `laplace`
+followed by `P.solve` runs it (the built precision stays alive during the solve): the
+unit of use (a Newton step) of a structure whose `memory_estimate` covers a solve
+(`matrix_free`, whose build alone allocates little). Options such as
+`"options": {"max_iters": 2}` bound the iterations: a solve's memory does not depend on
+them. `xla` is then the larger of the two programs' (the solve's plus the built
+precision), and `seconds` the wall time of the measured run.
 """
 
 import gc
 import json
 import sys
+import time
 
 import jax
 
@@ -39,6 +49,9 @@ def main(config: dict) -> dict:
     structure = config["structure"]
     width, n, depth = config.get("width", 32), config["n"], config.get("depth", 2)
     options = config.get("options", {})
+    then = config.get("then")
+    if then not in (None, "solve"):
+        raise ValueError(f"unknown `then={then!r}`; use 'solve' or leave it out")
     key = jax.random.key(0)
     X = jax.random.normal(key, (n, 64))
     y = jax.random.randint(key, (n,), 0, 10)
@@ -54,19 +67,49 @@ def main(config: dict) -> dict:
         return eqx.filter(out, eqx.is_array)
 
     lam = jnp.asarray(1.0)
-    compiled = jax.jit(build).lower(params, data, lam).compile()
-    analysis = compiled.memory_analysis()
-    xla = analysis.temp_size_in_bytes + analysis.output_size_in_bytes if analysis else -1
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    steps = [(jax.jit(build).lower(params, data, lam).compile(), lambda: (params, data, lam))]
+    if then == "solve":
+        # The solve is compiled on its own, as `laplace` followed by `P.solve` runs it.
+        shapes = eqx.filter_eval_shape(cls.from_data, model, data, lam, "ggn", **options)[0]
+        P_shapes, P_static = eqx.partition(shapes, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        b = jax.random.normal(jax.random.key(1), (n_params,), jnp.float64)
+
+        def solve(P, b):
+            return eqx.combine(P, P_static).solve(b)
+
+        solve_c = jax.jit(solve).lower(P_shapes, b).compile()
+        steps.append((solve_c, lambda: (eqx.filter(results[0][0], eqx.is_array), b)))
+    xla = 0  # the largest step: its temporaries and outputs, with what earlier steps hold
+    for i, (c, _) in enumerate(steps):
+        analysis = c.memory_analysis()
+        if analysis is None:
+            xla = -1
+            break
+        kept = sum(steps[j][0].memory_analysis().output_size_in_bytes for j in range(i))
+        xla = max(xla, kept + analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = rss("VmRSS")
-    out = compiled(params, data, lam)
-    jax.block_until_ready(out)
+    start = time.perf_counter()
+    results = []
+    for c, args in steps:
+        results.append(jax.block_until_ready(c(*args())))
+    seconds = time.perf_counter() - start
     peak = rss("VmHWM") - base
-    held = sum(x.nbytes for x in jax.tree_util.tree_leaves(out))
-    d = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    return dict(structure=structure, d=d, n=n, estimate=estimate, peak=peak, xla=xla, held=held)
+    held = sum(x.nbytes for x in jax.tree_util.tree_leaves(results))
+    return dict(
+        structure=structure,
+        d=n_params,
+        n=n,
+        then=then,
+        estimate=estimate,
+        peak=peak,
+        xla=xla,
+        held=held,
+        seconds=seconds,
+    )
 
 
 if __name__ == "__main__":

@@ -281,10 +281,15 @@ class DensePrecision(AbstractPrecision):
     @classmethod
     def memory_estimate(cls, model, n_rows, chunk=4096):
         d, c, item = _shape(model)
-        # The matrix, its factor and one temporary, plus a chunk's per-example Jacobians
-        # twice (`J` and `Bᵀ J`). Measured against the peak resident memory of the
-        # compiled build (tests/test_memory.py): within 10% for d = 1,482 and 3,466.
-        return 3 * d * d * item + 2 * min(_chunk(model, chunk), n_rows) * c * d * item
+        jacobians = min(_chunk(model, chunk), n_rows) * c * d
+        # The matrix and its factor (the outputs), plus the larger of the two phases'
+        # temporaries: the running sum and a chunk's per-example Jacobians twice (`J`
+        # and `Bᵀ J`), or the sum and its shifted, symmetrised copy around the Cholesky
+        # factorisation. Measured against the peak resident memory of the compiled
+        # build (tests/test_memory.py; MLPs 64-w-w-10): -2% at d = 4,650 with 100 rows
+        # (the factorisation's phase; `3d² + 2J`, without it, was 16% low), +2% to +10%
+        # at d = 1,482-3,466 with 1,000-4,000 rows, +18% at d = 3,466 with 500 rows.
+        return (2 * d * d + max(2 * d * d, d * d + 2 * jacobians)) * item
 
     @staticmethod
     def from_matrix(matrix: Float[Array, "d d"]) -> tuple[DensePrecision, Bool[Array, ""]]:
@@ -434,16 +439,22 @@ class DiagonalPrecision(AbstractPrecision):
         del n_probes, key
         d, _, item = _shape(model)
         if method == "hutchinson":
-            # A few vectors and one chunk of the matrix-free products.
+            # A few vectors and one chunk of the matrix-free products: measured 11% above
+            # the peak resident memory for width 1,536, 500 rows and 4 probes (8·d of it).
             rows = min(chunk, n_rows)
             return (
                 8 * d * item + products_bytes(model, rows) + padded_rows_bytes(model, n_rows, rows)
             )
-        # One chunk's per-example gradients and forward passes (and the rows padded to
-        # whole chunks).
+        # The result and two `d`-vectors (the running sum and the chunk's), one chunk's
+        # per-example gradients and forward passes, and the rows padded to whole chunks.
+        # Measured against the peak resident memory (tests/test_memory.py; MLPs of width
+        # 1,024-2,048, whose chunks are one row): 3·d is exact to 1%, 4·d was 25% high.
         rows = min(diagonal_chunk(d, item, chunk), n_rows)
         per_row = diagonal_row_bytes(model)
-        return 4 * d * item + rows * per_row + padded_rows_bytes(model, n_rows, rows)
+        # Summing a chunk's squared per-example gradients over its rows, leaf by leaf,
+        # runs as fused YNNPACK kernels once there are several rows (see `_fused_sums`).
+        fused = _fused_sums([rows * s for s in _leaf_sizes(model)]) if rows > 1 else 0
+        return (3 * d + fused) * item + rows * per_row + padded_rows_bytes(model, n_rows, rows)
 
     def shift(self, delta):
         return DiagonalPrecision(self.diag + delta)
@@ -500,6 +511,40 @@ def _shape(model) -> tuple[int, int, int]:
 
 #: Per-example Jacobians of one chunk of rows may take at most this many bytes.
 JACOBIAN_BUDGET = 256 * 2**20
+
+
+def _leaf_sizes(model) -> tuple[int, ...]:
+    """The sizes of the model's parameter arrays (the leaves of the flat `θ`)."""
+    import math
+
+    from .._models._base import ravel
+
+    return tuple(math.prod(shape) for shape in ravel(model)[1].shapes)
+
+
+#: XLA's CPU backend (JAX 0.10.2) hands a sum over at least this many numbers, with the
+#: elementwise operations and products that feed it, to YNNPACK as one fused kernel
+#: (`IsReduceOpOffloadedToYnn` in xla/backends/cpu/ynn_support.cc); smaller sums stay in
+#: XLA's own code and buffers.
+_YNN_SUM_MIN = 32 * 1024
+
+
+def _fused_sums(sizes) -> int:
+    """Numbers allocated outside XLA's buffers (so absent from its memory analysis) by
+    the fused YNNPACK kernels of sums whose inputs have `sizes` numbers: such a kernel
+    materialises its input and intermediate values itself, and glibc keeps what it
+    frees resident for later allocations of the same threads.
+
+    The factor 5/2 is measured: the peak resident memory minus XLA's temporaries and
+    outputs (and minus LAPACK's workspace, for EK-FAC) over the sums' input sizes, on
+    float64 MLP classifiers 64-w-w-10 on a 2-core CPU (tests/memprobe.py), is 2.3-2.4
+    for EK-FAC's second pass at widths 512, 768 and 1,536 (1.4 at 2,048, 2.3-3.1 at
+    1,024), 2.4-2.8 for the exact diagonal at widths 256 and 512 (2.1 and 4.1 on a
+    logistic and a softmax regression with 2·10⁵ parameters), and 2.0-2.9 for the
+    matrix-free preconditioner at widths 512 and 1,024. Disabling these fusions
+    (`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`) removed the excess of
+    EK-FAC's second pass and of the matrix-free preconditioner."""
+    return sum(5 * s // 2 for s in sizes if s >= _YNN_SUM_MIN)
 
 
 def _chunk(model, chunk: int) -> int:
