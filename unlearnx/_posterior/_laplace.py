@@ -129,7 +129,11 @@ class LaplacePosterior(eqx.Module):
             J = jax.jacrev(fn)(theta)
             return fn(theta), J @ self.precision.solve(J.T)
 
-        return jax.vmap(one)(X)
+        # Rows in batches whose Jacobians (`rows × c × d` numbers) fit in 256 MiB: a
+        # plain vmap over the 359 test rows of a 112,810-parameter MLP grew past 9 GB.
+        c, item = int(self.mean.n_outputs), theta.dtype.itemsize
+        batch = max(1, min(X.shape[0], 2**28 // max(4 * c * theta.shape[0] * item, 1)))
+        return jax.lax.map(one, X, batch_size=batch)
 
     def log_marginal_likelihood(self, data: Dataset) -> Scalar:
         """Laplace approximation of `log p(D) ≈ −L(θ*; D) + (d/2) log λ − ½ log det Λ`,
