@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .._custom_types import Array, Float
+from .._objective import rows_loss
 
 Curvature = Literal["ggn", "hessian"]
 
@@ -99,7 +100,7 @@ def rows_ggn_vp(theta, unravel, X, y, w, v, kind: Curvature = "ggn") -> Float[Ar
     if kind == "hessian":
 
         def g(t):
-            return jax.grad(lambda s: _rows_loss(unravel(s), X, y, w))(t)
+            return jax.grad(lambda s: rows_loss(unravel(s), X, y, w))(t)
 
         return jax.jvp(g, (theta,), (v,))[1]
 
@@ -116,11 +117,6 @@ def rows_ggn_vp(theta, unravel, X, y, w, v, kind: Curvature = "ggn") -> Float[Ar
     HJv = jax.vmap(out_hvp)(F, Jv, w)
     _, vjp = jax.vjp(outputs, theta)
     return vjp(HJv)[0]
-
-
-def _rows_loss(model, X, y, w):
-    losses = jax.vmap(model.loss)(X, y)
-    return jnp.sum(jnp.where(w > 0, w * losses, 0.0))
 
 
 def data_ggn_vp(theta, unravel, data, v, kind: Curvature = "ggn", *, chunk=4096):
