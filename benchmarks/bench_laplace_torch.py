@@ -32,11 +32,9 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 
@@ -44,6 +42,7 @@ jax.config.update("jax_enable_x64", True)
 
 import equinox as eqx  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import timed  # noqa: E402
 
 import unlearnx as ux  # noqa: E402
 
@@ -55,21 +54,6 @@ from make_npz import layers_from_mlp, write_npz  # noqa: E402
 TORCH_PYTHON = os.path.join(ROOT, ".venv-torch", "bin", "python")
 OURS = {"full": "full", "diag": "diag", "kron": "kfac"}
 PRIOR = 1.0
-
-
-def timed(fn, repeats):
-    """(first call seconds, median warm seconds, result)."""
-    t = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(jax.tree_util.tree_leaves(out))
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(jax.tree_util.tree_leaves(out))
-        times.append(time.perf_counter() - t)
-    return first, statistics.median(times), out
 
 
 def ensure_env():
@@ -139,11 +123,11 @@ def run_size(name, width, depth, structures, split, args, workdir, batch_size=No
         if "skipped" in t:
             continue
         s = OURS[structure]
-        first, warm, post = timed(
+        post, first, warm = timed(
             lambda s=s: ux.laplace(model, split.train, structure=s, prior_precision=PRIOR),
             args.repeats,
         )
-        pfirst, pwarm, probs = timed(lambda post=post: predict(post, X_test), args.repeats)
+        probs, pfirst, pwarm = timed(lambda post=post: predict(post, X_test), args.repeats)
         agree = {"probs": rel(probs, np.asarray(t["probs"]))}
         if structure == "full":
             agree["precision_diag"] = rel(np.diag(post.precision.matrix), t["precision_diag"])

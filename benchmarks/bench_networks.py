@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import jax
@@ -46,6 +45,7 @@ jax.config.update("jax_enable_x64", True)
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import timed  # noqa: E402
 
 import unlearnx as ux  # noqa: E402
 from unlearnx._curvature._registry import structure_class  # noqa: E402
@@ -75,21 +75,6 @@ def peak_during(fn):
     out = fn()
     jax.block_until_ready(jax.tree_util.tree_leaves(out))
     return out, _rss("VmHWM") - base
-
-
-def timed(fn, repeats: int):
-    """(result, first call seconds, median warm seconds)."""
-    t = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(jax.tree_util.tree_leaves(out))
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(jax.tree_util.tree_leaves(out))
-        times.append(time.perf_counter() - t)
-    return out, first, statistics.median(times) if times else first
 
 
 def make_model(name: str, key, dtype):
