@@ -18,14 +18,14 @@ Two tasks:
 For every structure (`diag`, `kfac`, `ekfac`, `lowrank`, `last_layer`, `matrix_free`;
 `full` is refused for its memory, and the error message is printed) it reports the time
 and peak memory of building the Laplace precision (with its `memory_estimate`), the time
-of the unlearning update (a second-order step, alone and with refine steps; compiled,
-median of warm runs), and the distance to retraining in function space: prediction
+of the unlearning update (a second-order step alone, with a line search on the edited
+objective, and with the line search and refine steps; compiled, median of warm runs), and the distance to retraining in function space: prediction
 agreement and mean KL(retrained ‖ method) on the test set, the KL on the edited training rows,
 and test accuracy. Beside them:
 `fine_tune` with the same time budget as the best update, and with 10× that budget; the
 model before unlearning; and retraining itself (time).
 
-    .venv/bin/python benchmarks/bench_networks.py                  # about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_networks.py                  # about an hour on 2 cores
     .venv/bin/python benchmarks/bench_networks.py --models mlp --tasks forget
     .venv/bin/python benchmarks/bench_networks.py --json results/networks.json
 """
@@ -214,11 +214,21 @@ def run_task(model_name, task, split, args, key):
             print(f"{structure}: build failed: {type(e).__name__}: {e}")
             results["rows"].append({"method": structure, "error": str(e)})
             continue
-        for steps in (0, args.refine):
-            u = ux.second_order() if steps == 0 else ux.chain(ux.second_order(), ux.refine(steps))
+        # The plain step (request-sized cost), the step shortened by a line search on the
+        # edited objective, and that followed by refine steps (both a pass over the data
+        # per trial or step).
+        variants = [
+            ("second order", ux.second_order()),
+            ("second order + line search", ux.second_order(line_search=True)),
+            (
+                f"second order + line search + {args.refine} refine",
+                ux.chain(ux.second_order(line_search=True), ux.refine(args.refine)),
+            ),
+        ]
+        for label, u in variants:
             state = u.init(post, fit_data)
             out, first, warm = timed(lambda u=u, s=state: u.update(request, s)[0], args.repeats)
-            name = f"{structure}: second order" + (f" + {steps} refine" if steps else "")
+            name = f"{structure}: {label}"
             r = row(
                 name,
                 out.mean,
@@ -261,14 +271,14 @@ def run_task(model_name, task, split, args, key):
 def print_table(results, task):
     extra = f" {'rest.3/8':>8} {'rest.all':>8}" if task == "relabel" else ""
     head = (
-        f"{'method':<42} {'agree':>6} {'KL':>8} {'KL edit':>8} {'acc':>6}{extra} {'update ms':>10} "
+        f"{'method':<52} {'agree':>6} {'KL':>8} {'KL edit':>8} {'acc':>6}{extra} {'update ms':>10} "
         f"{'x retrain':>9} {'build s':>7} {'peak MB':>8} {'est MB':>7}"
     )
     print(head)
     print("-" * len(head))
     for r in results["rows"]:
         if "error" in r:
-            print(f"{r['method']:<42} failed: {r['error'][:80]}")
+            print(f"{r['method']:<52} failed: {r['error'][:80]}")
             continue
         speed = results["retrain_s"] / r["update_s"] if r["update_s"] > 0 else float("nan")
         nan = float("nan")
@@ -281,7 +291,7 @@ def print_table(results, task):
         peak = f"{r['peak_bytes'] / 2**20:8.1f}" if "peak_bytes" in r else f"{'':>8}"
         est = f"{r['estimate_bytes'] / 2**20:7.1f}" if "estimate_bytes" in r else f"{'':>7}"
         print(
-            f"{r['method']:<42} {r['agreement']:6.4f} {r['kl']:8.2e} {r['kl_edited']:8.2e} "
+            f"{r['method']:<52} {r['agreement']:6.4f} {r['kl']:8.2e} {r['kl_edited']:8.2e} "
             f"{r['accuracy']:6.4f}"
             f"{rest} {r['update_s'] * 1e3:10.1f} {speed:9.1f} {build} {peak} {est}"
         )

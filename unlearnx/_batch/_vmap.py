@@ -51,7 +51,13 @@ from .._unlearn._base import (
     Ledger,
     UnlearnState,
 )
-from .._unlearn._influence import SecondOrder, SecondOrderInfo, gradient_change, second_order
+from .._unlearn._influence import (
+    SecondOrder,
+    SecondOrderInfo,
+    gradient_change,
+    second_order,
+    step_length,
+)
 from ._sharding import mesh_size, replicate, request_mesh, shard_requests
 from ._woodbury import LowRankUpdate, inverse_factor
 
@@ -331,10 +337,12 @@ def _second_order(t: SecondOrder, ctx: Context, posterior: LaplacePosterior, cfg
     else:  # the new rows have weight 0: their gradient is exactly zero, skip it
         G = -jax.grad(lambda t: rows_loss(unravel(t), *old))(theta)
     step = Pstep.solve(G)
+    a = step_length(ctx, posterior, step) if t.line_search else jnp.ones((), G.dtype)
+    step = a * step
     post = LaplacePosterior(
         unravel(theta - step), P2, posterior.prior_precision, posterior.curvature
     )
-    info = SecondOrderInfo(ok, ~ok, jnp.linalg.norm(step), jnp.linalg.norm(G))
+    info = SecondOrderInfo(ok, ~ok, jnp.linalg.norm(step), jnp.linalg.norm(G), a)
     return post, info, ok
 
 

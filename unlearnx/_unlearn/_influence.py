@@ -4,7 +4,8 @@ With `G = Σ_new ∇ℓ(θ*) − Σ_old ∇ℓ(θ*)` the change of the objective
 the edit, the second-order step downdates the precision by the edited rows' curvature,
 `Λ' = Λ − Σ_old ∇²ℓ + Σ_new ∇²ℓ`, and moves the mean to `θ* − Λ'⁻¹ G`. Only the `k`
 edited rows are touched: the cost is O(k d² + d³) at most, never a pass over all rows
-(unless the downdate fails and the fallback recomputes the precision).
+(unless the downdate fails and the fallback recomputes the precision, or the optional
+line search evaluates the edited objective).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from .._curvature._factors import ggn_factors, rows_hessian
 from .._curvature._precision import DensePrecision, DiagonalPrecision, UpdateMethod
 from .._custom_types import Array, Bool, Float
 from .._models._base import ravel
-from .._objective import rows_loss
+from .._objective import objective, rows_loss
 from .._posterior._laplace import LaplacePosterior
 from ._base import AbstractUnlearner, Context
+from ._linesearch import armijo
 
 
 def gradient_change(ctx: Context, posterior: LaplacePosterior) -> Float[Array, " d"]:
@@ -106,14 +108,17 @@ class SecondOrderInfo(NamedTuple):
             edited rows' curvature.
         fallback: whether the precision was recomputed from all retained rows instead
             (when the downdate failed).
-        step_norm: `‖Λ'⁻¹ G‖`.
+        step_norm: `‖a Λ'⁻¹ G‖`, the step taken.
         grad_change_norm: `‖G‖`.
+        step_length: `a`, the fraction of the Newton step taken (`1.0` without the line
+            search).
     """
 
     downdate_ok: Bool[Array, ""]
     fallback: Bool[Array, ""]
     step_norm: Float[Array, ""]
     grad_change_norm: Float[Array, ""]
+    step_length: Float[Array, ""]
 
 
 class SecondOrder(AbstractUnlearner):
@@ -121,6 +126,7 @@ class SecondOrder(AbstractUnlearner):
 
     damping: float = 0.0
     method: UpdateMethod = eqx.field(static=True, default="auto")
+    line_search: bool = eqx.field(static=True, default=False)
 
     def init_inner(self, posterior, data):
         return None
@@ -153,13 +159,27 @@ class SecondOrder(AbstractUnlearner):
             Pstep = P2.shift(jnp.asarray(self.damping, theta.dtype))
         G = gradient_change(ctx, posterior)
         step = Pstep.solve(G)
+        a = step_length(ctx, posterior, step) if self.line_search else jnp.ones((), G.dtype)
+        step = a * step
         mean = unravel(theta - step)
         post = LaplacePosterior(mean, P2, posterior.prior_precision, posterior.curvature)
-        info = SecondOrderInfo(ok, ~ok, jnp.linalg.norm(step), jnp.linalg.norm(G))
+        info = SecondOrderInfo(ok, ~ok, jnp.linalg.norm(step), jnp.linalg.norm(G), a)
         return post, inner, info
 
 
-def second_order(damping: float = 0.0, method: UpdateMethod = "auto") -> SecondOrder:
+def step_length(ctx: Context, posterior: LaplacePosterior, step: Float[Array, " d"]):
+    """Armijo backtracking of `θ − a·step` on the edited data's objective `L(θ; D')`
+    (one pass over the data per trial)."""
+    theta, unravel = ravel(posterior.mean)
+    lam = posterior.prior_precision
+    f = lambda t: objective(unravel(t), ctx.new, lam)  # noqa: E731
+    value, grad = jax.value_and_grad(f)(theta)
+    return armijo(f, theta, value, grad, step)
+
+
+def second_order(
+    damping: float = 0.0, method: UpdateMethod = "auto", *, line_search: bool = False
+) -> SecondOrder:
     """Second-order (influence / Newton) unlearning with a precision downdate.
 
     `Λ' = Λ − Σ_old ∇²ℓ + Σ_new ∇²ℓ` and `θ' = θ − Λ'⁻¹ G`, touching only the edited
@@ -173,6 +193,16 @@ def second_order(damping: float = 0.0, method: UpdateMethod = "auto") -> SecondO
         method: `"rank_update"` (k rank-one Cholesky up/downdates, O(k d²)),
             `"refactor"` (form `Λ − Xₖᵀ S Xₖ + X̃ₖᵀ S̃ X̃ₖ` and refactorise, O(k d² + d³)),
             or `"auto"` (chosen by cost from the shapes).
+        line_search: shorten the step by Armijo backtracking on the edited data's
+            objective `L(θ; D')`, `θ' = θ − a Λ'⁻¹ G` with `a ∈ {1, ½, ¼, …}`. Each trial
+            is one pass over the data, so the update no longer costs only the request's
+            size. Use it with an approximate curvature (`"diag"`, `"kfac"`, `"ekfac"`,
+            `"lowrank"`) when the edit moves the model far, such as relabelling rows a
+            network has memorised: the approximation underestimates the curvature along
+            the step, and the full step overshoots. On the 112,810-parameter digits MLP,
+            repairing 29 swapped labels, the full KFAC step lost 22× the accuracy the
+            corruption had cost; with the line search (`a = 1/8`) it restored all of it
+            (`docs/networks.md`).
 
     Example:
         ```python
@@ -186,4 +216,4 @@ def second_order(damping: float = 0.0, method: UpdateMethod = "auto") -> SecondO
         raise ValueError(
             f"second_order: unknown `method={method!r}`; use 'auto', 'rank_update' or 'refactor'."
         )
-    return SecondOrder(float(damping), method)
+    return SecondOrder(float(damping), method, bool(line_search))

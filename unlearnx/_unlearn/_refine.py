@@ -16,6 +16,7 @@ from .._objective import objective
 from .._posterior._laplace import LaplacePosterior, laplace
 from .._requests import Request, as_edit
 from ._base import AbstractUnlearner
+from ._linesearch import armijo
 
 
 class RefineInfo(NamedTuple):
@@ -42,7 +43,6 @@ class Refine(AbstractUnlearner):
         value_and_grad = jax.value_and_grad(f)
         P = posterior.precision
         tol = -1.0 if self.tol is None else self.tol
-        eps = jnp.finfo(theta.dtype).eps
 
         def cond(c):
             _, _, g, i = c
@@ -56,19 +56,7 @@ class Refine(AbstractUnlearner):
             # as sufficient, so that the iteration does not stall at convergence.
             t, val, g, i = c
             d = P.solve(g)
-            slope = -jnp.dot(g, d)
-            noise = 100 * eps * jnp.maximum(jnp.abs(val), 1.0)
-
-            def ls_cond(ls):
-                a, v = ls
-                return (v > val + 1e-4 * a * slope + noise) & (a > 1e-10)
-
-            def ls_body(ls):
-                a, _ = ls
-                a = 0.5 * a
-                return a, f(t - a * d)
-
-            a, _ = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones_like(val), f(t - d)))
+            a = armijo(f, t, val, g, d)
             t = t - a * d
             val, g = value_and_grad(t)
             return t, val, g, i + 1
