@@ -19,10 +19,11 @@ For every structure (`diag`, `kfac`, `ekfac`, `lowrank`, `last_layer`, `matrix_f
 `full` is refused for its memory, and the error message is printed) it reports the time
 and peak memory of building the Laplace precision (with its `memory_estimate`), the time
 of the unlearning update (a second-order step alone, with a line search on the edited
-objective, and with the line search and refine steps; compiled, median of warm runs), and the distance to retraining in function space: prediction
-agreement and mean KL(retrained ‖ method) on the test set, the KL on the edited training rows,
-and test accuracy. Beside them:
-`fine_tune` with the same time budget as the best update, and with 10× that budget; the
+objective, and with the line search and refine steps; compiled, median of warm runs),
+and the distance to retraining in function space: prediction agreement and mean
+KL(retrained ‖ method) on the test set, the KL on the edited training rows, and test
+accuracy. Beside them: `fine_tune` with the same time budget as the best update, and
+with 10× that budget; the
 model before unlearning; and retraining itself (time).
 
     .venv/bin/python benchmarks/bench_networks.py                  # about an hour on 2 cores
@@ -196,9 +197,8 @@ def run_task(model_name, task, split, args, key):
     best = None
     for structure in args.structures:
         options = {
-            # `slots` must hold the directions one request adds (a bucket of 16 rows × 10
-            # classes): with fewer, the downdate is truncated and falls back to a rebuild.
-            "lowrank": {"rank": args.rank, "slots": 160},
+            # The default `slots` (16 rows × 10 classes) holds one 16-row deletion exactly.
+            "lowrank": {"rank": args.rank},
             # CG to a relative residual of 1e-6 (the default, 1e-10 in float64, is far
             # tighter than a Newton step needs and costs hundreds more passes).
             "matrix_free": {"tol": 1e-6},

@@ -267,3 +267,32 @@ def test_memory_estimate_bounds_what_is_held(mlp, lowrank):
     data, model, _ = mlp
     est = LowRankPrecision.memory_estimate(model, data.n, rank=RANK, slots=24)
     assert lowrank.memory_bytes() <= est
+
+
+def test_default_slots_keep_a_16_row_deletion_exact():
+    """By default `slots = 16·c`: deleting 16 rows of a 10-class model (160 directions,
+    one request in the 16-row bucket) is exact, with no rebuild; 32 slots truncate it."""
+    kd, km = jax.random.split(jax.random.key(4))
+    data, _ = ux.datasets.synthetic_glm(kd, n=300, d=6, family="softmax", n_classes=10, scale=2.0)
+    model = ux.models.MLPClassifier(6, 10, width=12, depth=1, key=km)  # d = 214
+    post = ux.laplace(model, data, prior_precision=LAM, structure="lowrank", rank=RANK)
+    P = post.precision
+    assert P.slots == 160 and P.capacity == RANK + 160 < P.dim
+    assert LowRankPrecision.memory_estimate(model, data.n, rank=RANK) == (
+        LowRankPrecision.memory_estimate(model, data.n, rank=RANK, slots=160)
+    )
+    rows = np.arange(16)
+    U = _softmax_factors(model, data.X[rows], data.weights[rows])
+    ref = np.asarray(P.to_dense()) - U.T @ U
+    assert np.linalg.eigvalsh(ref).min() > 0  # the exact downdate is positive definite
+    u = ux.second_order()
+    new, _, info = u.update(ux.forget_rows(rows), u.init(post, data))
+    assert bool(info.downdate_ok) and not bool(info.fallback)
+    np.testing.assert_allclose(new.precision.to_dense(), ref, rtol=0, atol=1e-10 * ref.max())
+    # With 32 slots the same downdate is still positive definite (`ok`), but truncated to
+    # `rank + 32` columns: 128 of the 160 directions beyond `rank` are lost.
+    small = ux.laplace(model, data, prior_precision=LAM, structure="lowrank", rank=RANK, slots=32)
+    cut, ok = _edit(small.precision, model, _rows(data, rows, 0.0), _rows(data, rows))
+    assert bool(ok)
+    exact = np.asarray(small.precision.to_dense()) - U.T @ U
+    assert np.abs(np.asarray(cut.to_dense()) - exact).max() > 1e-3 * np.abs(exact).max()

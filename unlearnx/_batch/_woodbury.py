@@ -38,7 +38,12 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from .._curvature._precision import AbstractPrecision, DensePrecision, direct_solve_info
+from .._curvature._precision import (
+    AbstractPrecision,
+    DensePrecision,
+    direct_solve_info,
+    jacobian_covariance,
+)
 from .._custom_types import Array, Bool, Float
 
 # Capacitance matrices up to this size are factorised and solved with unrolled jnp code
@@ -194,6 +199,9 @@ class LowRankUpdate(AbstractPrecision):
             + 2.0 * jnp.sum(jnp.log(jnp.diag(self.R1)))
             + 2.0 * jnp.sum(jnp.log(jnp.diag(self.R2)))
         )
+
+    def functional_covariance(self, model, X):
+        return jacobian_covariance(self, model, X)
 
     def to_dense(self):
         W = self.base.chol @ self.V  # Uᵀ

@@ -42,7 +42,14 @@ import numpy as np
 from .._custom_types import Array, Float
 from .._models._base import ravel
 from ._factors import _chunked
-from ._layers import LayerSpec, find_layers, layer_statistics, param_dtype, uncovered
+from ._layers import (
+    LayerSpec,
+    find_layers,
+    layer_covariance,
+    layer_statistics,
+    param_dtype,
+    uncovered,
+)
 from ._precision import JACOBIAN_BUDGET, AbstractPrecision, _fused_sums, direct_solve_info
 
 
@@ -177,6 +184,18 @@ class AbstractKroneckerPrecision(AbstractPrecision):
 
     def shift(self, delta):
         return eqx.tree_at(lambda p: p.prior, self, self.prior + delta)
+
+    def functional_covariance(self, model, X):
+        """`(f, J Λ⁻¹ Jᵀ)` per row of `X` (see `AbstractPrecision`), without forming
+        `J`: each layer's Jacobian block `∂f_k/∂W̃ = Σ_l g_kl a_lᵀ` is rotated into the
+        eigenbasis, `M_k = Q_Gᵀ (∂f_k/∂W̃) Q_A`, where `Λ⁻¹` is diagonal, so
+        `cov_kk' = Σ_layers Σ_ij M_k,ij M_k',ij / (eig_ij + λ)`; for a dense layer
+        `M_k = (Q_Gᵀ g_k)(Q_Aᵀ a)ᵀ` is rank one (see `layer_covariance`). The parameters
+        outside every layer (usually none) go through their own Jacobian."""
+        scales = tuple(1.0 / (blk.eig + self.prior) for blk in self.blocks)
+        bases = tuple((blk.QA, blk.QG) for blk in self.blocks)
+        rest = (self._rest_index(), 1.0 / (self.rest + self.prior))
+        return layer_covariance(model, X, self.layers, scales, bases, rest)
 
 
 # --------------------------------------------------------------------------------------

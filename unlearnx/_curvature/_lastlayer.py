@@ -16,11 +16,12 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
 
 from .._custom_types import Array, Float
 from .._models._base import ravel
 from ._factors import Curvature, _chunked
-from ._layers import LayerSpec, find_layers, layer_statistics, param_dtype
+from ._layers import LayerSpec, find_layers, layer_gradients, layer_statistics, param_dtype
 from ._precision import JACOBIAN_BUDGET, AbstractPrecision, DensePrecision, direct_solve_info
 
 
@@ -163,6 +164,25 @@ class LastLayerPrecision(AbstractPrecision):
         a = self._active()
         out = jnp.zeros((self.n_params, self.n_params), self.block.matrix.dtype)
         return out.at[a[:, None], a[None, :]].set(self.block.matrix)
+
+    def functional_covariance(self, model, X):
+        """`(f, J Λ⁺ Jᵀ)` per row of `X` (see `AbstractPrecision`; the frozen parameters
+        have no variance): with `J_a` the last layer's block of the Jacobian,
+        `∂f_k/∂W̃ = Σ_l g_kl a_lᵀ` from the layer's inputs and output gradients (no
+        Jacobian with respect to the other parameters is formed), the covariance is
+        `Zᵀ Z` with `Z = L⁻¹ J_aᵀ`, one triangular solve with the block's Cholesky
+        factor `L`."""
+        last, _ = _last_layer(model, "LastLayerPrecision.functional_covariance")
+
+        def one(x):
+            f, (a,), (g,) = layer_gradients(model, x, (last,))  # (loc, cols), (c, loc, out)
+            J = jnp.einsum("klo,la->koa", g, a).reshape(g.shape[0], -1)  # (c, k)
+            Z = jsl.solve_triangular(self.block.chol, J.T, lower=True)
+            return f, Z.T @ Z
+
+        # A batch holds two `rows × c × k` arrays (`J` and `Z`).
+        rows = min(X.shape[0], _chunk(model, 2 * self.n_active, self.chunk))
+        return jax.lax.map(one, X, batch_size=rows)
 
     def shift(self, delta):
         return LastLayerPrecision(self.block.shift(delta), self.layer, self.n_params, self.chunk)

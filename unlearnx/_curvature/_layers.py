@@ -23,6 +23,7 @@ GGN factor of the layer (a row of `Bᵀ J`) for output `k` is then
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import equinox as eqx
@@ -31,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._custom_types import Array, Float
-from .._models._base import AbstractModel
+from .._models._base import AbstractModel, ravel
 from .._models._cnn import CNNClassifier
 from .._models._glm import LinearRegression, LogisticRegression, SoftmaxRegression
 from .._models._mlp import MLPClassifier, MLPRegressor
+from ._precision import JACOBIAN_BUDGET
 
 _GLMS = (LinearRegression, LogisticRegression, SoftmaxRegression)
 _MLPS = (MLPClassifier, MLPRegressor)
@@ -272,12 +274,22 @@ def forward(model: AbstractModel, x: Float[Array, " p"], probes=None):
     raise _unsupported(model, "forward")
 
 
-def layer_statistics(
-    model: AbstractModel, x: Float[Array, " p"], which: tuple[int, ...] | None = None
-) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
-    """For one example: the input rows `a` `(n_loc, n_cols)` and output gradients
-    `g = Bᵀ ∂f/∂s` `(c, n_loc, n_out)` of the layers `which` (default: all), by one
-    reverse pass per output (batched) from zero probes on those layers' outputs."""
+def _identity(f):
+    return jnp.eye(f.shape[0], dtype=f.dtype)
+
+
+def layer_gradients(
+    model: AbstractModel,
+    x: Float[Array, " p"],
+    which: tuple[int, ...] | None = None,
+    cotangents: Callable[[Array], Array] | None = None,
+) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
+    """For one example: the output `f`, and of the layers `which` (default: all) the input
+    rows `a` `(n_loc, n_cols)` and output gradients `g = Cᵀ ∂f/∂s` `(k, n_loc, n_out)`,
+    with `C = cotangents(f)` `(c, k)` (held constant; default the identity `I_c`), by one
+    reverse pass per column of `C` (batched) from zero probes on those layers' outputs.
+    With `C = I_c`, `Σ_loc g[k, loc] a[loc]ᵀ` is `∂f_k/∂W̃`, the layer's block of row `k`
+    of the Jacobian; with `C = B` (`layer_statistics`) it is a row of the GGN factor."""
     shapes = eqx.filter_eval_shape(lambda m, x: forward(m, x)[2], model, x)
     which = tuple(range(len(shapes))) if which is None else tuple(which)
 
@@ -290,10 +302,110 @@ def layer_statistics(
 
     sel = tuple(jnp.zeros(shapes[i].shape, shapes[i].dtype) for i in which)
     f, vjp, inputs = jax.vjp(fn, sel, has_aux=True)
-    B = jax.lax.stop_gradient(model.likelihood.hessian_sqrt(f))  # (c, c), B Bᵀ = ∇²_f ℓ
-    (cots,) = jax.vmap(vjp, in_axes=1)(B)  # per layer (c, *pre-activation shape)
+    C = _identity(f) if cotangents is None else jax.lax.stop_gradient(cotangents(f))
+    (cots,) = jax.vmap(vjp, in_axes=1)(C)  # per layer (k, *pre-activation shape)
     gs = []
     for g in cots:
-        g = g.reshape(g.shape[0], g.shape[1], -1)  # (c, out, loc); loc = 1 when dense
+        g = g.reshape(g.shape[0], g.shape[1], -1)  # (k, out, loc); loc = 1 when dense
         gs.append(jnp.swapaxes(g, 1, 2))
-    return inputs, tuple(gs)
+    return f, inputs, tuple(gs)
+
+
+def layer_statistics(
+    model: AbstractModel, x: Float[Array, " p"], which: tuple[int, ...] | None = None
+) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+    """For one example: the input rows `a` `(n_loc, n_cols)` and output gradients
+    `g = Bᵀ ∂f/∂s` `(c, n_loc, n_out)` of the layers `which` (default: all), `B` the
+    likelihood's output Hessian square root (`∇²_f ℓ = B Bᵀ`); see `layer_gradients`."""
+    _, inputs, gs = layer_gradients(model, x, which, model.likelihood.hessian_sqrt)
+    return inputs, gs
+
+
+# --------------------------------------------------------------------------------------
+# The linearised predictive for covariances that are diagonal per layer in a Kronecker
+# basis (KFAC, EK-FAC: the eigenbases of the factors; the diagonal: the identity).
+
+
+def _covariance_numbers(model: AbstractModel, layers: tuple[LayerSpec, ...]) -> int:
+    """Numbers held per row by `layer_covariance`: each layer's inputs and output
+    gradients and their rotated copies (with the backward passes' temporaries), and for
+    a convolution the rotated per-output Jacobian blocks and their scaled copy."""
+    c = int(model.n_outputs)
+    total = 0
+    for s in layers:
+        total += 2 * s.n_loc * s.n_cols + 3 * c * s.n_loc * s.n_out
+        if s.n_loc > 1:
+            total += 2 * c * s.n_out * s.n_cols
+    return total
+
+
+def covariance_rows(model: AbstractModel, layers: tuple[LayerSpec, ...], n_rows: int) -> int:
+    """Rows per batch of `layer_covariance`: all `n_rows`, or few enough that a batch's
+    per-row temporaries fit in `JACOBIAN_BUDGET`."""
+    item = jnp.dtype(param_dtype(model)).itemsize
+    per_row = max(_covariance_numbers(model, layers) * item, 1)
+    return max(1, min(n_rows, JACOBIAN_BUDGET // per_row))
+
+
+def layer_covariance(
+    model: AbstractModel,
+    X: Float[Array, "m p"],
+    layers: tuple[LayerSpec, ...],
+    scales: tuple[Array, ...],
+    bases: tuple[tuple[Array, Array], ...] | None = None,
+    rest: tuple[np.ndarray, Array] | None = None,
+    rows: int | None = None,
+) -> tuple[Float[Array, "m c"], Float[Array, "m c c"]]:
+    """`(f, J Σ Jᵀ)` at each row of `X`: the outputs and the covariance of the outputs
+    of the model linearised in its parameters, `J = ∂f/∂θ`, under a parameter
+    covariance `Σ` that is block diagonal over the layers, each block diagonal in the
+    basis `Q_G ⊗ Q_A` of the layer's `W̃` (row-major):
+    `Σ_l = (Q_G ⊗ Q_A) diag(vec S_l) (Q_G ⊗ Q_A)ᵀ`.
+
+    Layer `l`'s block of row `k` of `J`, read as the matrix `∂f_k/∂W̃ = Σ_loc g_k,loc
+    a_locᵀ` (`g = ∂f/∂s` from `layer_gradients` with `C = I_c`), is rotated to
+    `M_k = Q_Gᵀ (∂f_k/∂W̃) Q_A`, and `cov_kk' = Σ_l Σ_ij S_l,ij M_k,ij M_k',ij`. For a
+    dense layer `M_k = (Q_Gᵀ g_k)(Q_Aᵀ a)ᵀ` is rank one, so
+    `cov_kk' = Σ_i g̃_ki g̃_k'i Σ_j S_ij ã_j²` and no `(c, n_out, n_cols)` array is
+    formed. Neither `J` (`c × d`) nor a solve with it ever is: a row costs the forward
+    pass, `c` reverse passes and the rotations, done as matrix products over a batch.
+
+    Args:
+        model: the model at the linearisation point (one of `SUPPORTED`).
+        X: the rows.
+        layers: `find_layers(model, ...)`.
+        scales: per layer, `S_l` `(n_out, n_cols)`: the eigenvalues of `Σ_l`.
+        bases: per layer `(Q_A, Q_G)` (orthogonal, `(n_cols, n_cols)` and
+            `(n_out, n_out)`), or `None` for the identity (`Σ` diagonal).
+        rest: `(index, scale)`: the positions in `θ` of the parameters outside every
+            layer (static) and `Σ`'s diagonal there; their part of `J` is a Jacobian
+            over those parameters only. `None` (or an empty index) when there are none.
+        rows: rows per batch (default `covariance_rows`).
+
+    Returns:
+        The outputs `(m, c)` and covariances `(m, c, c)`.
+    """
+    rows = covariance_rows(model, layers, X.shape[0]) if rows is None else rows
+    rest_idx, rest_scale = (np.zeros(0, int), None) if rest is None else rest
+
+    def one(x):
+        f, inputs, grads = layer_gradients(model, x)
+        cov = jnp.zeros((f.shape[0], f.shape[0]), f.dtype)
+        for i, (a, g, S) in enumerate(zip(inputs, grads, scales, strict=True)):
+            if bases is not None:
+                QA, QG = bases[i]
+                a, g = a @ QA, g @ QG  # (loc, cols), (c, loc, out)
+            if a.shape[0] == 1:
+                u = S @ a[0] ** 2  # (out,)
+                cov = cov + (g[:, 0] * u) @ g[:, 0].T
+            else:
+                M = jnp.einsum("klo,la->koa", g, a)
+                cov = cov + jnp.einsum("koa,joa->kj", M * S, M)
+        if rest_idx.size:
+            theta, unravel = ravel(model)
+            fn = lambda u: unravel(theta.at[rest_idx].set(u))(x)  # noqa: E731
+            J = jax.jacrev(fn)(theta[rest_idx])  # (c, r)
+            cov = cov + (J * rest_scale) @ J.T
+        return f, cov
+
+    return jax.lax.map(one, X, batch_size=rows)

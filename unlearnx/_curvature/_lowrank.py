@@ -11,8 +11,9 @@ Lanczos did not reach close to the diagonal Laplace ones rather than to the prio
 
 **Storage: whitened eigen-form.** The structure keeps
 `Λ = D^{1/2} (I + Q diag(μ) Qᵀ) D^{1/2}` with `Q` a `d × K` matrix of orthonormal
-columns, `K = rank + slots`. Every operation follows in `O(d K)`: by Woodbury, the
-capacitance matrix of `I + Q M Qᵀ` in its own eigenbasis is the diagonal `I + M`, so
+columns, `K = rank + slots` (the slots no edit has used yet are zero columns with
+`μ = 0`). Every operation follows in `O(d K)`: by Woodbury, the capacitance matrix of
+`I + Q M Qᵀ` in its own eigenbasis is the diagonal `I + M`, so
 `Λ⁻¹ = D^{-1/2} (I − Q diag(μ / (1 + μ)) Qᵀ) D^{-1/2}`, `log det Λ = Σ log D + Σ log(1 + μ)`
 (the matrix determinant lemma), exact samples are `D^{-1/2} (I + Q diag((1 + μ)^{-1/2} − 1)
 Qᵀ) ε`, and `Λ` is positive definite iff every `1 + μ > 0` (Sylvester's law of inertia:
@@ -27,9 +28,11 @@ static under `jit` across repeated edits, the result is **re-compressed** to `K`
 columns, dropping the eigenpairs with the smallest `|μ|`: exact while the low-rank part
 has rank at most `K`, that is while the edited rows add at most `slots` directions
 (`c` per row for `c` outputs) beyond `rank`; past that, the dropped directions are those
-closest to `D` (the best rank-`K` approximation in the `D`-whitened metric). Removing
-rows that were added restores the original to rounding. `ok` is decided on the full
-spectrum, before truncation, and truncation cannot break positive definiteness.
+closest to `D` (the best rank-`K` approximation in the `D`-whitened metric). The default
+`slots = 16·c` holds one deletion request of up to 16 rows (the bucket a request of 9-16
+rows is padded to, see `bucket_size`). Removing rows that were added restores the
+original to rounding. `ok` is decided on the full spectrum, before truncation, and
+truncation cannot break positive definiteness.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from ._diagonal import (
 )
 from ._factors import data_ggn_vp, ggn_factors
 from ._lanczos import default_iterations, lanczos
-from ._precision import AbstractPrecision, direct_solve_info
+from ._precision import AbstractPrecision, direct_solve_info, jacobian_covariance
 
 
 def _check_curvature(curvature, where):
@@ -62,6 +65,17 @@ def _check_curvature(curvature, where):
         )
     if curvature != "ggn":
         raise ValueError(f"{where}: unknown `curvature={curvature!r}`; use 'ggn'.")
+
+
+#: Rows per unlearning request that the default `slots` keeps exact: the bucket that a
+#: request of 9-16 rows is padded to (`bucket_size`), each row adding `c` directions.
+SLOT_ROWS = 16
+
+
+def default_slots(model) -> int:
+    """`16·c` for a model with `c` outputs: the directions that deleting one request of
+    up to 16 rows adds to the low-rank part."""
+    return SLOT_ROWS * int(model.n_outputs)
 
 
 def _sizes(d, rank, slots, iterations, where):
@@ -110,10 +124,12 @@ class LowRankPrecision(AbstractPrecision):
 
     Attributes:
         diag: `D`, the prior precision plus the residual GGN diagonal.
-        basis: `Q`, orthonormal columns in the `D`-whitened coordinates.
+        basis: `Q`, orthonormal columns in the `D`-whitened coordinates (zero
+            columns, with `μ = 0`, for the slots that no edit has used yet).
         eigvals: `μ`, the whitened eigenvalues (`Λ` is positive definite iff all > −1).
         rank: the number of Lanczos eigenpairs (static).
-        slots: the extra columns kept for edits (static).
+        slots: the extra columns kept for edits (static; by default `16·c` for `c`
+            outputs, one deletion request of up to 16 rows).
         iterations: the Lanczos steps (static).
         chunk: rows per chunk of the data passes (static).
 
@@ -145,7 +161,7 @@ class LowRankPrecision(AbstractPrecision):
         curvature="ggn",
         *,
         rank: int = 20,
-        slots: int = 32,
+        slots: int | None = None,
         key: PRNGKeyArray | None = None,
         iterations: int | None = None,
         chunk: int = 4096,
@@ -159,7 +175,12 @@ class LowRankPrecision(AbstractPrecision):
             curvature: `"ggn"` only.
             rank: the number of top GGN eigenpairs (at most `d`).
             slots: extra low-rank columns kept for exact edits (`K = rank + slots`,
-                at most `d`).
+                at most `d`). Each edited row adds `c` directions (one per output of
+                the model); past `slots` of them an edit is truncated to the `K`
+                dominant ones and is no longer exact. Default `16·c`: deleting one
+                request of up to 16 rows (the bucket that a request of 9-16 rows is
+                padded to) stays exact; a request that also adds rows (e.g. relabelling
+                16 rows, `32·c` directions) needs more.
             key: PRNG key for the Lanczos starting vector (default `jax.random.key(0)`;
                 with enough iterations the result does not depend on it).
             iterations: Lanczos steps (default `min(d, 2·rank + 20)`; `d` is exact).
@@ -174,6 +195,7 @@ class LowRankPrecision(AbstractPrecision):
         _check_curvature(curvature, where)
         theta, unravel = ravel(model)
         d, dtype = theta.shape[0], theta.dtype
+        slots = default_slots(model) if slots is None else slots
         k, K, m = _sizes(d, rank, slots, iterations, where)
         key = jax.random.key(0) if key is None else key
 
@@ -185,27 +207,34 @@ class LowRankPrecision(AbstractPrecision):
         residual = exact_ggn_diagonal(theta, unravel, data, chunk=chunk) - (V**2) @ s
         D = jnp.asarray(prior_precision, dtype) + jnp.maximum(residual, 0.0)
         Z = V * jnp.sqrt(s) / jnp.sqrt(D)[:, None]
-        Z = jnp.concatenate([Z, jnp.zeros((d, K - k), dtype)], axis=1)
-        Q, mu, ok = _compress(Z, jnp.ones((K,), dtype), K)
+        Q, mu, ok = _compress(Z, jnp.ones((k,), dtype), k)
+        # The `slots` start empty: zero columns with `μ = 0`, which change nothing. (A
+        # QR of `Z` padded with them costs `O(d K²)`: 12 s against 0.3 s for `K` = 165
+        # against 37 columns at d = 301,066 on a 2-core CPU.)
+        Q = jnp.concatenate([Q, jnp.zeros((d, K - k), dtype)], axis=1)
+        mu = jnp.concatenate([mu, jnp.zeros((K - k,), dtype)])
         new = cls(D, Q, mu, k, K - k, m, chunk)
         return new, ok & jnp.all(D > 0)
 
     @classmethod
     def memory_estimate(
-        cls, model, n_rows, *, rank=20, slots=32, key=None, iterations=None, chunk=4096
+        cls, model, n_rows, *, rank=20, slots=None, key=None, iterations=None, chunk=4096
     ) -> int:
         from .._models._base import ravel
 
         del key
+        slots = default_slots(model) if slots is None else slots
         theta, _ = ravel(model)
         d, item = theta.shape[0], theta.dtype.itemsize
         k, K, m = _sizes(
             d, rank, slots, iterations, "LowRankPrecision (laplace(structure='lowrank'))"
         )
         # Measured against XLA's memory analysis (temporaries plus outputs) of the jitted
-        # build; the phases run one after the other, the output is held throughout.
-        # Against the peak resident memory (tests/test_memory.py; MLPs 64-w-w-10): -8%
-        # to +9% for d = 3·10⁵-1.1·10⁶, ranks 2-50 and 50-2,000 rows.
+        # build; the phases run one after the other, the output counted as held
+        # throughout, an upper bound. Against the peak resident memory (tests/memprobe.py;
+        # MLPs 64-w-w-10, d = 3·10⁵-1.1·10⁶, ranks 2-50, 8-160 slots, 50-2,000 rows):
+        # -4% to +53%, the excess where XLA does not keep the structure alive through
+        # the Lanczos phase (rank 5 with 32 slots; 160 slots, the default for 10 classes).
         structure = (d * (K + 1) + K) * item
         # Lanczos: the basis, the Ritz vectors, a few vectors and a chunk of products.
         lanczos_tmp = ((m + 1 + k + 6) * d + 3 * m * m) * item
@@ -217,8 +246,8 @@ class LowRankPrecision(AbstractPrecision):
         diag_tmp = rows * diagonal_row_bytes(model)
         # Each phase pads the data to whole chunks: two copies when both must pad.
         padded += padded_rows_bytes(model, n_rows, rows)
-        # The whitening and compression: `Z` and its QR factor (`d × K` each).
-        compress = 2 * d * K * item
+        # The whitening and compression: `Z` and its QR factor (`d × rank` each).
+        compress = 2 * d * k * item
         phases = max(lanczos_tmp + products, diag_tmp + k * d * item, compress)
         return structure + padded + phases
 
@@ -262,6 +291,9 @@ class LowRankPrecision(AbstractPrecision):
     def variance(self):
         g = self.eigvals / (1.0 + self.eigvals)
         return (1.0 - (self.basis**2) @ g) / self.diag
+
+    def functional_covariance(self, model, X):
+        return jacobian_covariance(self, model, X)
 
     def to_dense(self):
         W = self.basis * jnp.sqrt(self.diag)[:, None]

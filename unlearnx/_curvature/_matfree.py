@@ -25,7 +25,7 @@ from ._factors import (
     data_ggn_vp,
     ggn_factors,
 )
-from ._precision import AbstractPrecision, Rows, SolveInfo, _chunk, _shape
+from ._precision import AbstractPrecision, Rows, SolveInfo, _chunk, _shape, jacobian_covariance
 from ._solvers import cg, lanczos, tridiagonal_eigh
 
 #: Rows per block of the edit buffer: a product skips the blocks past the last edit.
@@ -323,6 +323,9 @@ class MatrixFreePrecision(AbstractPrecision):
             return None
         diag = jnp.maximum(self.diagonal, self.prior_precision)
         return lambda v: v / diag
+
+    def functional_covariance(self, model, X):
+        return jacobian_covariance(self, model, X)
 
     def to_dense(self):
         return _jit_to_dense(self)
