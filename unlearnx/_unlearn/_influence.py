@@ -200,9 +200,10 @@ def second_order(
             `"lowrank"`) when the edit moves the model far, such as relabelling rows a
             network has memorised: the approximation underestimates the curvature along
             the step, and the full step overshoots. On the 112,810-parameter digits MLP,
-            repairing 29 swapped labels, the full KFAC step lost 22× the accuracy the
-            corruption had cost; with the line search (`a = 1/8`) it restored all of it
-            (`docs/networks.md`).
+            repairing 29 swapped labels, the full KFAC step lost 22× the test accuracy
+            the corruption had cost; with the line search it restored all of it
+            (`docs/networks.md`). For a small deletion from a well-fitted model the full
+            step is usually the better one: leave it off.
 
     Example:
         ```python
