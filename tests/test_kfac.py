@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from _helpers import _Quadratic
 from scipy.special import softmax
 
 import unlearnx as ux
@@ -430,22 +431,6 @@ def test_memory_estimate(cases, digits_model):
     peak = mem.temp_size_in_bytes + mem.output_size_in_bytes
     est = KFACPrecision.memory_estimate(digits_model, n, chunk=128)
     assert 0.75 <= est / peak <= 1.25, (est, peak)
-
-
-class _Quadratic(ux.models.AbstractModel):
-    weight: jax.Array
-    likelihood: ux.models.Gaussian
-
-    @property
-    def n_inputs(self):
-        return 2
-
-    @property
-    def n_outputs(self):
-        return 1
-
-    def __call__(self, x):
-        return (self.weight @ x) ** 2 * jnp.ones(1)
 
 
 def test_errors(cases):

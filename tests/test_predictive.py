@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import _Quadratic
 from scipy.special import expit, softmax
 
 import unlearnx as ux
@@ -134,24 +135,6 @@ def test_the_layer_wise_paths_form_no_full_jacobian(cases, monkeypatch):
         model, _, X = cases[name]
         P = posterior(cases, name, structure).precision
         eqx.filter_eval_shape(P.functional_covariance, model, X)
-
-
-class _Quadratic(ux.models.AbstractModel):
-    """A model whose layers are unknown: the diagonal falls back to the Jacobians."""
-
-    weight: jax.Array
-    likelihood: ux.models.Gaussian
-
-    @property
-    def n_inputs(self):
-        return 2
-
-    @property
-    def n_outputs(self):
-        return 1
-
-    def __call__(self, x):
-        return (self.weight @ x) ** 2 * jnp.ones(1)
 
 
 def test_generic_path_for_other_structures_and_unknown_models(cases):
